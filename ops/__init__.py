@@ -1,0 +1,1 @@
+"""Running actorq: the CLI, the embedded local stack, Flower, benchmarks, deployment files."""

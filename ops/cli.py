@@ -1,0 +1,61 @@
+"""The ``actorq`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .local import run_demo
+
+    config = json.loads(open(args.config).read()) if args.config else None
+    return run_demo(args.prompt, delay_ms=args.delay_ms, config=config)
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from .local import run_up
+
+    return run_up(args.concurrency)
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    from producer.crypto import generate_key
+
+    print(generate_key())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actorq", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run one job end to end on a local (embedded) stack")
+    p.add_argument("prompt", nargs="?", default="Hello, actorq!")
+    p.add_argument("--delay-ms", type=float, default=40.0, help="delay between tokens")
+    p.add_argument("--config", help="actor config JSON file (default: the scripted demo actor)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("up", help="keep Redis + a worker running for local development")
+    p.add_argument("--concurrency", type=int, default=100)
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("keygen", help="print a new ACTORQ_SECRET_KEY")
+    p.set_defaults(func=_cmd_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

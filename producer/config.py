@@ -1,0 +1,270 @@
+"""Validated shapes of everything a job carries: actor config, limits, pricing, credentials.
+
+These are plain pydantic models so that a router can validate a job without
+installing the worker's LangChain stack; the worker validates with the same
+models, so a config accepted at enqueue is a config the worker understands.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
+
+from .errors import ConfigError, CredentialsError, InvalidInput
+
+__all__ = [
+    "PROVIDERS",
+    "ActorConfig",
+    "AgentConfig",
+    "GraphConfig",
+    "GraphEdge",
+    "Limits",
+    "LLMConfig",
+    "ModelPrice",
+    "ScriptedTurn",
+    "parse_config",
+    "parse_credentials",
+    "parse_limits",
+    "parse_pricing",
+]
+
+PROVIDERS = ("openai", "scripted")
+_NAME = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class ScriptedToolCall(_Strict):
+    name: str = Field(min_length=1, max_length=64)
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScriptedTurn(_Strict):
+    """One reply of the scripted model: text, tool calls, or both."""
+
+    text: str = ""
+    tool_calls: list[ScriptedToolCall] = Field(default_factory=list)
+
+
+class LLMConfig(_Strict):
+    """One chat model. ``scripted`` fields drive the deterministic test/demo model."""
+
+    type: Literal["llm"] = "llm"
+    name: str = Field(default="actor", pattern=_NAME)
+    provider: Literal["openai", "scripted"]
+    model: str = Field(default="scripted", min_length=1, max_length=128)
+    system_prompt: str | None = Field(default=None, max_length=100_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0, le=1_000_000)
+    base_url: str | None = Field(default=None, max_length=2048)
+    # Scripted provider: a fixed reply (None echoes the message), or a list of
+    # turns for tool-calling agents, streamed with the given delays.
+    reply: str | None = Field(default=None, max_length=1_000_000)
+    script: list[ScriptedTurn] | None = Field(default=None, max_length=1000)
+    first_token_delay_ms: float = Field(default=0, ge=0, le=600_000)
+    token_delay_ms: float = Field(default=0, ge=0, le=600_000)
+    report_usage: bool = True
+    fail_with: Literal["error", "rate_limit"] | None = None
+
+
+class AgentConfig(LLMConfig):
+    """An llm with named tools from the worker's registry and a tool-calling loop."""
+
+    type: Literal["agent"] = "agent"  # type: ignore[assignment]
+    tools: list[str] = Field(default_factory=list, max_length=64)
+    max_iterations: int = Field(default=8, ge=1, le=100)
+
+
+class GraphEdge(_Strict):
+    source: str = Field(alias="from", min_length=1)
+    target: str = Field(alias="to", min_length=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+NodeConfig = Annotated[LLMConfig | AgentConfig, Field(discriminator="type")]
+
+
+class GraphConfig(_Strict):
+    """A LangGraph StateGraph of llm / agent nodes."""
+
+    type: Literal["graph"]
+    name: str = Field(default="graph", pattern=_NAME)
+    nodes: dict[str, NodeConfig] = Field(min_length=1, max_length=64)
+    edges: list[GraphEdge] = Field(default_factory=list, max_length=1024)
+    entry: str = Field(min_length=1)
+    max_visits: int | None = Field(default=None, ge=1, le=100)
+
+    @field_validator("nodes", mode="before")
+    @classmethod
+    def _default_node_type(cls, nodes: Any) -> Any:
+        if isinstance(nodes, Mapping):
+            return {
+                k: ({"type": "llm", **v} if isinstance(v, Mapping) and "type" not in v else v)
+                for k, v in nodes.items()
+            }
+        return nodes
+
+
+def _check_graph(graph: GraphConfig) -> None:
+    """Reject malformed graphs with the offending field named."""
+    for name in graph.nodes:
+        if not re.fullmatch(_NAME, name):
+            raise ConfigError(f"config.nodes.{name[:64]}", f"node name must match {_NAME}")
+    if graph.entry not in graph.nodes:
+        raise ConfigError("config.entry", f"entry {graph.entry!r} is not a node")
+    for i, edge in enumerate(graph.edges):
+        for end in (edge.source, edge.target):
+            if end not in graph.nodes:
+                raise ConfigError(f"config.edges.{i}", f"unknown node {end!r}")
+    if graph.max_visits is None and _has_cycle(graph.nodes, graph.edges):
+        raise ConfigError("config.max_visits", "graph has a cycle: set max_visits to bound it")
+
+
+def _has_cycle(nodes: Mapping[str, Any], edges: list[GraphEdge]) -> bool:
+    succ: dict[str, list[str]] = {n: [] for n in nodes}
+    for e in edges:
+        succ[e.source].append(e.target)
+    state: dict[str, int] = {}
+
+    def visit(n: str) -> bool:
+        state[n] = 1
+        for m in succ[n]:
+            if state.get(m) == 1 or (m not in state and visit(m)):
+                return True
+        state[n] = 2
+        return False
+
+    return any(n not in state and visit(n) for n in nodes)
+
+
+ActorConfig = Annotated[LLMConfig | AgentConfig | GraphConfig, Field(discriminator="type")]
+_ACTOR = TypeAdapter(ActorConfig)
+
+
+class Limits(_Strict):
+    """Per-job limits; each one exceeded ends the job with its own reason."""
+
+    timeout_ms: int | None = Field(default=None, gt=0, le=24 * 3600 * 1000)
+    stall_timeout_ms: int | None = Field(default=None, gt=0, le=3600 * 1000)
+    max_model_calls: int | None = Field(default=None, ge=1, le=10_000)
+    max_tool_calls: int | None = Field(default=None, ge=0, le=10_000)
+    max_cost_usd: Decimal | None = Field(default=None, gt=0, le=1_000_000)
+
+
+class ModelPrice(_Strict):
+    """USD per million tokens."""
+
+    input: Decimal = Field(ge=0, le=1_000_000)
+    output: Decimal = Field(ge=0, le=1_000_000)
+
+
+_PRICING = TypeAdapter(dict[str, ModelPrice])
+_CRED_FIELDS = frozenset({"api_key", "base_url", "organization"})
+
+
+def _first_error(exc: ValidationError, root: str, tagged: bool = False) -> tuple[str, str]:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    if tagged and loc and loc[0] in ("llm", "agent", "graph"):
+        loc = loc[1:]  # drop the discriminator tag pydantic puts first
+    # Nested node configs also carry a tag: nodes.<name>.<tag>.<field>
+    loc = [p for i, p in enumerate(loc) if not (i >= 2 and loc[i - 2] == "nodes" and p in ("llm", "agent"))]
+    path = ".".join([root, *loc]) if loc else root
+    return path, err["msg"]
+
+
+def parse_config(config: object) -> LLMConfig | AgentConfig | GraphConfig:
+    """Validate an actor config dict; raise :class:`ConfigError` naming the field."""
+    if not isinstance(config, Mapping):
+        raise ConfigError("config", f"must be a mapping, not {type(config).__name__}")
+    actor_type = config.get("type", "llm")
+    if actor_type not in ("llm", "agent", "graph"):
+        raise ConfigError("config.type", f"unknown actor type {actor_type!r} (llm, agent, graph)")
+    data = dict(config)
+    data.setdefault("type", "llm")
+    if actor_type != "graph" and "provider" in data and data["provider"] not in PROVIDERS:
+        raise ConfigError(
+            "config.provider", f"unknown provider {data['provider']!r} ({', '.join(PROVIDERS)})"
+        )
+    try:
+        parsed = _ACTOR.validate_python(data)
+    except ValidationError as exc:
+        raise ConfigError(*_first_error(exc, "config", tagged=True)) from None
+    if isinstance(parsed, GraphConfig):
+        _check_graph(parsed)
+    return parsed
+
+
+def parse_limits(limits: object) -> Limits:
+    if limits is None:
+        return Limits()
+    if isinstance(limits, Limits):
+        return limits
+    if not isinstance(limits, Mapping):
+        raise InvalidInput("limits", f"must be a mapping, not {type(limits).__name__}")
+    for key, value in limits.items():
+        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
+            raise InvalidInput(f"limits.{key}", "must be a finite number")
+    try:
+        return Limits.model_validate(dict(limits))
+    except ValidationError as exc:
+        raise InvalidInput(*_first_error(exc, "limits")) from None
+
+
+def parse_pricing(pricing: object) -> dict[str, ModelPrice]:
+    if pricing is None:
+        return {}
+    if not isinstance(pricing, Mapping):
+        raise InvalidInput("pricing", f"must be a mapping, not {type(pricing).__name__}")
+    for model, price in pricing.items():
+        if isinstance(price, Mapping):
+            for side, value in price.items():
+                if isinstance(value, bool):
+                    raise InvalidInput(f"pricing.{model}.{side}", "must be a number")
+    try:
+        return _PRICING.validate_python(dict(pricing))
+    except ValidationError as exc:
+        raise InvalidInput(*_first_error(exc, "pricing")) from None
+
+
+def parse_credentials(credentials: object) -> dict[str, dict[str, str]]:
+    """Check credentials are ``{provider: {field: str}}``; never echo a value in errors."""
+    if credentials is None:
+        return {}
+    if not isinstance(credentials, Mapping):
+        raise CredentialsError("credentials", f"must be a mapping, not {type(credentials).__name__}")
+    out: dict[str, dict[str, str]] = {}
+    for provider, fields in credentials.items():
+        if not isinstance(provider, str) or provider not in PROVIDERS:
+            raise CredentialsError("credentials", f"unknown provider key {str(provider)[:32]!r}")
+        if not isinstance(fields, Mapping):
+            raise CredentialsError(f"credentials.{provider}", "must be a mapping of strings")
+        entry: dict[str, str] = {}
+        for name, value in fields.items():
+            if not isinstance(name, str) or name not in _CRED_FIELDS:
+                raise CredentialsError(
+                    f"credentials.{provider}",
+                    f"unknown field {str(name)[:32]!r} ({', '.join(sorted(_CRED_FIELDS))})",
+                )
+            if not isinstance(value, str) or not value or len(value) > 4096:
+                raise CredentialsError(
+                    f"credentials.{provider}.{name}", "must be a non-empty string (<= 4096 chars)"
+                )
+            entry[name] = value
+        out[provider] = entry
+    return out

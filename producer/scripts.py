@@ -1,0 +1,161 @@
+"""Lua scripts that change a job's keys: each runs atomically inside Redis.
+
+Every key a script touches belongs to one job and shares its hash tag, so the
+scripts also run on Redis Cluster. The terminal write (``done`` entry + record)
+is one function used by every path that can end a job, which is what makes
+"exactly one ending" hold whatever the races.
+
+KEYS are always: job hash, events stream, lease, cancel flag.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CANCEL", "CLAIM", "CREATE", "FINISH", "PUBLISH", "RENEW", "REQUEUE", "job_keys"]
+
+from .keys import cancel_key, events_key, job_key, lease_key
+
+
+def job_keys(job_id: str) -> list[str]:
+    return [job_key(job_id), events_key(job_id), lease_key(job_id), cancel_key(job_id)]
+
+
+# finish(status, error, error_type, result_json, now, ttl, maxlen) -> done entry id
+_FINISH_FN = """
+local TERMINAL = {succeeded=1, failed=1, cancelled=1, timed_out=1, limit_exceeded=1}
+local function finish(status, err, err_type, result, now, ttl, maxlen)
+  local attempt = redis.call('HGET', KEYS[1], 'attempt') or '0'
+  local fields = {'type', 'done', 'status', status, 'attempt', attempt}
+  if err ~= '' then
+    table.insert(fields, 'error'); table.insert(fields, err)
+  end
+  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  redis.call('HSET', KEYS[1], 'status', status, 'error', err, 'error_type', err_type,
+             'result', result, 'finished_at', now, 'done_id', id)
+  redis.call('HDEL', KEYS[1], 'payload')
+  redis.call('DEL', KEYS[3])
+  for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
+  if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ttl) end
+  return id
+end
+"""
+
+# ARGV: payload, actor, now, ttl -> 1 created, 0 exists
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'actor', ARGV[2], 'created_at', ARGV[3],
+           'attempt', 0, 'payload', ARGV[1])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# ARGV: owner, status, error, error_type, result, now, ttl, maxlen
+# -> {1, done_id} | {0, 'terminal'} | {0, 'fenced'} | {0, 'missing'}
+FINISH = (
+    _FINISH_FN
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {0, 'missing'} end
+if TERMINAL[status] then return {0, 'terminal'} end
+if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0, 'fenced'} end
+return {1, finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
+"""
+)
+
+# ARGV: owner, lease_ms, now, max_attempts, worker, ttl, maxlen, cancelled_result, failed_result
+# -> {'claimed', attempt} | {'missing'} | {'terminal'} | {'busy'} | {'exhausted'} | {'cancelled'}
+CLAIM = (
+    _FINISH_FN
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'missing', 0} end
+if TERMINAL[status] then return {'terminal', 0} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', 0} end
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  finish('cancelled', 'cancelled before it started', 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
+  return {'cancelled', 0}
+end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+if attempt > tonumber(ARGV[4]) then
+  redis.call('HSET', KEYS[1], 'attempt', attempt - 1)
+  finish('failed', 'gave up after ' .. (attempt - 1) .. ' attempts: the worker running it was lost each time',
+         'AttemptsExhausted', ARGV[9], ARGV[3], ARGV[6], ARGV[7])
+  return {'exhausted', attempt - 1}
+end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[5], 'seq', 0)
+if attempt > 1 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'reset', 'attempt', attempt,
+             'reason', 'attempt ' .. (attempt - 1) .. ' did not finish; its output is void')
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'start', 'attempt', attempt,
+           'worker', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[6])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+return {'claimed', attempt}
+"""
+)
+
+# KEYS: events, lease, job. ARGV: owner, maxlen, max_events, ttl, first_seq,
+# then per entry: n, k1, v1, ... Entries are numbered from first_seq; those at or
+# below the job's stored ``seq`` were written by an earlier try of this batch (a
+# pipeline cut mid-way) and are skipped, so a retried batch never doubles a token.
+# -> number of entries added | -1 lease lost | -2 stream cap reached
+PUBLISH = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then return -2 end
+local last = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
+local seq = tonumber(ARGV[5]) - 1
+local i, added = 6, 0
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  seq = seq + 1
+  if seq > last then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 1, i + 2 * n))
+    added = added + 1
+  end
+  i = i + 1 + 2 * n
+end
+if seq > last then redis.call('HSET', KEYS[3], 'seq', seq) end
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+return added
+"""
+
+# KEYS: lease, cancel, job. ARGV: owner, lease_ms, ttl -> {held, cancel_requested}
+RENEW = """
+local held = 0
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  held = 1
+end
+return {held, redis.call('EXISTS', KEYS[2])}
+"""
+
+# ARGV: now, ttl, maxlen, cancelled_result
+# -> 'cancelled' (was queued) | 'requested' | 'already_requested' | 'finished' | 'missing'
+CANCEL = (
+    _FINISH_FN
+    + """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return 'missing' end
+if TERMINAL[status] then return 'finished' end
+if redis.call('EXISTS', KEYS[4]) == 1 then return 'already_requested' end
+redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
+if status == 'queued' and redis.call('EXISTS', KEYS[3]) == 0 then
+  finish('cancelled', 'cancelled before it started', 'Cancelled', ARGV[4], ARGV[1], ARGV[2], ARGV[3])
+  return 'cancelled'
+end
+return 'requested'
+"""
+)
+
+# A job whose lease vanished while it was running: put it back to queued so one
+# sweeper (and only one) sends it again. KEYS: the usual four. -> 1 requeued | 0 not ours
+REQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'queued')
+return 1
+"""

@@ -1,0 +1,66 @@
+"""Settings read from the environment, with the defaults documented in the README."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = ["DEFAULT_REDIS_URL", "Settings"]
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything both sides agree on. ``Settings.from_env()`` reads ``ACTORQ_*``."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    queue: str = "actorq"
+    retention_s: int = 86_400
+    max_config_bytes: int = 64 * 1024
+    max_message_bytes: int = 256 * 1024
+    stream_max_events: int = 100_000
+    max_attempts: int = 3
+    lease_ttl_s: int = 15
+    secret_keys: tuple[str, ...] = field(default=(), repr=False)
+    redis_options: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Settings:
+        e = dict(os.environ if env is None else env)
+        keys = tuple(k.strip() for k in e.get("ACTORQ_SECRET_KEY", "").split(",") if k.strip())
+        tls = {
+            name: e[var]
+            for name, var in (
+                ("ssl_ca_certs", "ACTORQ_REDIS_SSL_CA_CERTS"),
+                ("ssl_certfile", "ACTORQ_REDIS_SSL_CERTFILE"),
+                ("ssl_keyfile", "ACTORQ_REDIS_SSL_KEYFILE"),
+                ("ssl_cert_reqs", "ACTORQ_REDIS_SSL_CERT_REQS"),
+            )
+            if e.get(var)
+        }
+        return cls(
+            redis_url=e.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            queue=e.get("ACTORQ_QUEUE") or "actorq",
+            retention_s=_int(e, "ACTORQ_RETENTION_S", 86_400),
+            max_config_bytes=_int(e, "ACTORQ_MAX_CONFIG_BYTES", 64 * 1024),
+            max_message_bytes=_int(e, "ACTORQ_MAX_MESSAGE_BYTES", 256 * 1024),
+            stream_max_events=_int(e, "ACTORQ_STREAM_MAX_EVENTS", 100_000),
+            max_attempts=_int(e, "ACTORQ_MAX_ATTEMPTS", 3),
+            lease_ttl_s=_int(e, "ACTORQ_LEASE_TTL_S", 15),
+            secret_keys=keys,
+            redis_options=tls,
+        )

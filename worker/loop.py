@@ -1,0 +1,57 @@
+"""One asyncio event loop per worker process, shared by every job of the process.
+
+Celery has no native async tasks. The threads pool runs each task in a thread
+that hands its coroutine to this loop and waits, so one process streams as many
+jobs at once as it has pool threads, with pooled async clients shared by all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["get_loop", "run_on_loop"]
+
+T = TypeVar("T")
+
+_loop: asyncio.AbstractEventLoop | None = None
+_pid: int | None = None
+_lock = threading.Lock()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    if os.environ.get("ACTORQ_UVLOOP", "1") != "0":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()  # type: ignore[no-any-return]
+        except ImportError:
+            pass
+    return asyncio.new_event_loop()
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The process's loop, started on first use in a daemon thread."""
+    global _loop, _pid
+    with _lock:
+        if _loop is None or _pid != os.getpid():
+            loop = _new_loop()
+            ready = threading.Event()
+
+            def serve() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            threading.Thread(target=serve, name="actorq-loop", daemon=True).start()
+            ready.wait()
+            _loop, _pid = loop, os.getpid()
+        return _loop
+
+
+def run_on_loop(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the shared loop and block the calling thread until it ends."""
+    return asyncio.run_coroutine_threadsafe(coro, get_loop()).result()

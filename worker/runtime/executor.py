@@ -1,0 +1,228 @@
+"""The actor runtime: ``create_executor(config) -> Executor``.
+
+An :class:`Executor` is built once per job from a validated config; it holds
+the credentials in memory only, never writes them into the config, and runs any
+number of independent executions. ``events()`` is the rich stream the worker
+publishes (tokens tagged with their node, node boundaries, tool calls);
+``execute_stream()`` is its token-only view and ``execute()`` the buffered one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
+
+from producer.config import (
+    AgentConfig,
+    GraphConfig,
+    Limits,
+    LLMConfig,
+    ModelPrice,
+    parse_config,
+    parse_credentials,
+    parse_limits,
+    parse_pricing,
+)
+from producer.schema import ActorResult
+
+from ..errors import ActorError, LimitExceeded, ProviderError
+from .providers import build_chat_model, provider_error
+from .run import Run, RunEvent
+from .scrub import scrub, secret_values
+
+__all__ = ["Executor", "RunEvent", "create_executor"]
+
+
+def create_executor(
+    config_dict: Mapping[str, Any],
+    credentials: Mapping[str, Mapping[str, str]] | None = None,
+    limits: Mapping[str, Any] | Limits | None = None,
+    pricing: Mapping[str, Any] | None = None,
+    *,
+    stall_timeout_ms: int | None = None,
+) -> Executor:
+    """Validate ``config_dict`` (never modified) and build an :class:`Executor`.
+
+    Reads no files and no environment: everything comes from the arguments.
+    Malformed configs raise :class:`producer.ConfigError` naming the field.
+    """
+    config = parse_config(config_dict)
+    parsed_limits = parse_limits(limits)
+    if stall_timeout_ms is not None and parsed_limits.stall_timeout_ms is None:
+        parsed_limits = parsed_limits.model_copy(update={"stall_timeout_ms": stall_timeout_ms})
+    executor = Executor(config, parse_credentials(credentials), parsed_limits, parse_pricing(pricing))
+    executor.check()
+    return executor
+
+
+class Executor:
+    """Runs one actor config; see :func:`create_executor`."""
+
+    def __init__(
+        self,
+        config: LLMConfig | AgentConfig | GraphConfig,
+        credentials: Mapping[str, Mapping[str, str]],
+        limits: Limits,
+        pricing: Mapping[str, ModelPrice],
+    ) -> None:
+        self.config = config
+        self.limits = limits
+        self.pricing = pricing
+        self._credentials = credentials
+        self._secrets = secret_values(credentials)
+        self.last_result: ActorResult | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def check(self) -> None:
+        """Fail at build time on what can be known before running (tools, graph shape)."""
+        from . import actors
+
+        actors.check(self.config)
+
+    def scrub(self, text: str) -> str:
+        return scrub(text, self._secrets)
+
+    # -- public API ---------------------------------------------------------------
+
+    async def execute(self, message: str) -> ActorResult:
+        """Run to the end and return the :class:`ActorResult` (non-streaming path)."""
+        async for _ in self.events(message):
+            pass
+        assert self.last_result is not None
+        return self.last_result
+
+    async def execute_stream(self, message: str) -> AsyncIterator[str]:
+        """Yield text tokens as the model produces them; ``last_result`` holds the result."""
+        async for event in self.events(message):
+            if event.type == "token":
+                yield event.text
+
+    async def events(self, message: str) -> AsyncIterator[RunEvent]:
+        """Every event of one execution, with ``timeout_ms`` and the stall guard enforced."""
+        if not isinstance(message, str):
+            raise TypeError(f"message must be a str, not {type(message).__name__}")
+        from . import actors
+
+        run = Run(self.limits, self.pricing)
+        self.last_result = None
+        inner = actors.drive(self, run, message)
+        timeout = self.limits.timeout_ms
+        stall = self.limits.stall_timeout_ms
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout / 1000
+        try:
+            while True:
+                budget = None if deadline is None else deadline - loop.time()
+                step = budget
+                if stall is not None:
+                    step = stall / 1000 if step is None else min(step, stall / 1000)
+                try:
+                    async with asyncio.timeout(step) as cm:
+                        event = await inner.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    if not cm.expired():
+                        raise
+                    if budget is not None and step == budget:
+                        raise LimitExceeded("timeout_ms", f"ran longer than {timeout} ms") from None
+                    raise LimitExceeded(
+                        "stall_timeout_ms", f"model sent nothing for {stall} ms"
+                    ) from None
+                if event.type == "token":
+                    run.on_token(event.text)
+                yield event
+            self.last_result = run.result()
+        except LimitExceeded as exc:
+            reason = "timeout" if exc.timed_out else "limit"
+            self.last_result = run.result(reason, str(exc))
+            raise
+        except ActorError as exc:
+            self.last_result = run.result("error", self.scrub(str(exc)))
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            self.last_result = run.result("cancelled")
+            raise
+        except Exception as exc:
+            err = provider_error(exc, self._secrets)
+            self.last_result = run.result("error", str(err))
+            raise err from None
+        finally:
+            with contextlib.suppress(Exception):
+                await inner.aclose()
+
+    # -- building blocks for actors -----------------------------------------------------
+
+    def messages_for(self, cfg: LLMConfig, message: str) -> list[BaseMessage]:
+        out: list[BaseMessage] = []
+        if cfg.system_prompt:
+            out.append(SystemMessage(cfg.system_prompt))
+        out.append(HumanMessage(message))
+        return out
+
+    def chat_model(self, cfg: LLMConfig) -> Any:
+        return build_chat_model(cfg, self._credentials)
+
+    async def stream_model(
+        self,
+        run: Run,
+        node: str,
+        cfg: LLMConfig,
+        model: Any,
+        messages: list[BaseMessage],
+        reply: list[AIMessage],
+    ) -> AsyncIterator[RunEvent]:
+        """One model call through ``astream``: yield tokens, append the full reply to ``reply``."""
+        run.begin_model_call(node, cfg.provider, cfg.model)
+        parts: list[str] = []
+        usage: Any = None
+        tool_chunks: list[Any] = []
+        finish: str | None = None
+        try:
+            async for chunk in model.astream(messages):
+                text = chunk.content
+                if isinstance(text, str):
+                    if text:
+                        parts.append(text)
+                        yield RunEvent("token", text, node)
+                elif text:  # content blocks
+                    for block in text:
+                        t = block.get("text") if isinstance(block, dict) else None
+                        if t:
+                            parts.append(t)
+                            yield RunEvent("token", t, node)
+                if chunk.usage_metadata:
+                    usage = chunk.usage_metadata
+                if chunk.tool_call_chunks:
+                    tool_chunks.append(chunk)
+                fr = chunk.response_metadata.get("finish_reason") if chunk.response_metadata else None
+                if fr:
+                    finish = fr
+        except ProviderError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit, LimitExceeded):
+            raise
+        except Exception as exc:
+            raise provider_error(exc, self._secrets) from None
+        output = "".join(parts)
+        run.end_model_call(usage, _prompt_text(messages), output)
+        tool_calls: list[Any] = []
+        if tool_chunks:
+            merged = tool_chunks[0]
+            for c in tool_chunks[1:]:
+                merged = merged + c
+            tool_calls = list(merged.tool_calls)
+        if finish == "length":
+            run.finish_reason = "length"
+        reply.append(AIMessage(content=output, tool_calls=tool_calls))
+
+
+def _prompt_text(messages: list[BaseMessage]) -> str:
+    return "\n".join(str(m.content) for m in messages)

@@ -1,0 +1,69 @@
+"""Chat models built per request from a node config and the job's credentials."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from langchain_core.language_models import BaseChatModel
+
+from producer.config import LLMConfig
+
+from ..errors import CredentialsError, ProviderError
+from .scrub import scrub
+from .scripted import ScriptedChatModel
+
+__all__ = ["build_chat_model", "provider_error"]
+
+
+def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]]) -> BaseChatModel:
+    if cfg.provider == "scripted":
+        return ScriptedChatModel(
+            reply=cfg.reply,
+            script=[t.model_dump() for t in cfg.script] if cfg.script else None,
+            first_token_delay_s=cfg.first_token_delay_ms / 1000,
+            token_delay_s=cfg.token_delay_ms / 1000,
+            report_usage=cfg.report_usage,
+            model_name=cfg.model,
+        )
+    from langchain_openai import ChatOpenAI
+
+    creds = credentials.get("openai", {})
+    base_url = creds.get("base_url") or cfg.base_url
+    api_key = creds.get("api_key")
+    if not api_key:
+        if not base_url:
+            raise CredentialsError(
+                "credentials.openai.api_key", "required for provider openai without a base_url"
+            )
+        api_key = "EMPTY"  # self-hosted OpenAI-compatible servers (vLLM, Ollama) ignore it
+    return ChatOpenAI(
+        model=cfg.model,
+        api_key=api_key,  # type: ignore[arg-type]
+        base_url=base_url,
+        organization=creds.get("organization"),
+        temperature=cfg.temperature,
+        max_completion_tokens=cfg.max_tokens,
+        stream_usage=True,
+        max_retries=0,  # retries are the job runner's, with resets and backoff
+        timeout=60,
+    )
+
+
+def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
+    """Classify a provider exception and scrub its text."""
+    status = getattr(exc, "status_code", None)
+    text = scrub(f"{type(exc).__name__}: {exc}", secrets)
+    try:
+        import httpx
+        import openai
+    except ImportError:  # pragma: no cover - worker extra always has them
+        return ProviderError(text, retryable=False, status_code=status)
+    if isinstance(exc, openai.APIStatusError):
+        retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code == 408
+        return ProviderError(text, retryable=retryable, status_code=exc.status_code)
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+        return ProviderError(text, retryable=True)
+    if isinstance(exc, openai.APIError):
+        # Mid-stream failures surface as bare APIError: the connection was cut.
+        return ProviderError(text, retryable=True)
+    return ProviderError(text, retryable=False, status_code=status)

@@ -1,0 +1,179 @@
+"""Per-execution state: counters, usage, cost, limits and the partial result."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+from producer.config import Limits, ModelPrice
+from producer.schema import ActorResult, NodeUsage
+
+from ..errors import LimitExceeded
+from .usage import cost_usd, count_tokens
+
+__all__ = ["Run", "RunEvent"]
+
+
+@dataclass(slots=True)
+class RunEvent:
+    """One thing an execution produced: a token, a node boundary, a tool call or result."""
+
+    type: str
+    text: str = ""
+    node: str = ""
+    data: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _NodeAcc:
+    node: str
+    provider: str
+    model: str
+    input_tokens: int = 0
+    output_tokens: int = 0
+    sources: set[str] = field(default_factory=set)
+    model_calls: int = 0
+    cost: Decimal | None = Decimal(0)
+
+    def usage(self) -> NodeUsage:
+        source = "none" if not self.sources else "+".join(sorted(self.sources))
+        return NodeUsage(
+            node=self.node,
+            provider=self.provider,
+            model=self.model,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+            total_tokens=self.input_tokens + self.output_tokens,
+            usage_source=source,
+            model_calls=self.model_calls,
+            cost_usd=self.cost,
+        )
+
+
+class Run:
+    """State of one ``execute`` / ``execute_stream`` call."""
+
+    def __init__(self, limits: Limits, pricing: Mapping[str, ModelPrice]) -> None:
+        self.limits = limits
+        self.pricing = pricing
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.parts: list[str] = []
+        self.nodes: dict[str, _NodeAcc] = {}
+        self.model_calls = 0
+        self.tool_calls = 0
+        self.finish_reason = "stop"
+        # Running output-token estimate of the call in flight, for max_cost_usd.
+        self._inflight_node: _NodeAcc | None = None
+        self._inflight_tokens = 0
+
+    # -- counters ----------------------------------------------------------------
+
+    def on_token(self, text: str) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        self.parts.append(text)
+        if self._inflight_node is not None:
+            self._inflight_tokens += 1
+            if self.limits.max_cost_usd is not None:
+                self._check_cost()
+
+    def begin_model_call(self, node: str, provider: str, model: str) -> None:
+        limit = self.limits.max_model_calls
+        if limit is not None and self.model_calls >= limit:
+            raise LimitExceeded("max_model_calls", f"{limit} model calls already made")
+        self.model_calls += 1
+        acc = self.nodes.get(node)
+        if acc is None:
+            acc = self.nodes[node] = _NodeAcc(node, provider, model)
+        acc.model_calls += 1
+        self._inflight_node = acc
+        self._inflight_tokens = 0
+
+    def begin_tool_call(self, name: str) -> None:
+        limit = self.limits.max_tool_calls
+        if limit is not None and self.tool_calls >= limit:
+            raise LimitExceeded("max_tool_calls", f"{limit} tool calls already made")
+        self.tool_calls += 1
+
+    def end_model_call(
+        self,
+        usage: Mapping[str, Any] | None,
+        prompt_text: str,
+        output_text: str,
+        *,
+        check: bool = True,
+    ) -> None:
+        """Record the finished call's usage: the provider's, else counted, else estimated."""
+        acc = self._inflight_node
+        if acc is None:
+            return
+        self._inflight_node = None
+        if usage and usage.get("input_tokens") is not None:
+            n_in, n_out = int(usage["input_tokens"]), int(usage.get("output_tokens") or 0)
+            acc.sources.add("provider")
+        else:
+            n_in, src_in = count_tokens(prompt_text, acc.model)
+            n_out, _ = count_tokens(output_text, acc.model)
+            acc.sources.add(src_in)
+            if src_in == "heuristic":
+                import logging
+
+                logging.getLogger("actorq.usage").warning(
+                    "no provider usage and no offline tiktoken file for %s: "
+                    "estimating tokens as characters / 4",
+                    acc.model,
+                )
+        acc.input_tokens += n_in
+        acc.output_tokens += n_out
+        call_cost = cost_usd(self.pricing.get(acc.model), n_in, n_out)
+        acc.cost = None if call_cost is None or acc.cost is None else acc.cost + call_cost
+        if check and self.limits.max_cost_usd is not None:
+            self._check_cost()
+
+    def _check_cost(self) -> None:
+        limit = self.limits.max_cost_usd
+        assert limit is not None
+        total = self.cost() or Decimal(0)
+        acc = self._inflight_node
+        if acc is not None:
+            price = self.pricing.get(acc.model)
+            if price is not None:
+                total += price.output * self._inflight_tokens / Decimal(1_000_000)
+        if total > limit:
+            raise LimitExceeded("max_cost_usd", f"running cost {total:.6f} > {limit}")
+
+    def cost(self) -> Decimal | None:
+        costs = [a.cost for a in self.nodes.values()]
+        if not costs or any(c is None for c in costs):
+            return None
+        return sum(costs, Decimal(0))  # type: ignore[arg-type]
+
+    # -- result ------------------------------------------------------------------
+
+    def result(self, finish_reason: str | None = None, error: str | None = None) -> ActorResult:
+        if self._inflight_node is not None:
+            # Stopped mid-call: count what was produced so far.
+            partial = "".join(self.parts[-self._inflight_tokens :]) if self._inflight_tokens else ""
+            self.end_model_call(None, "", partial, check=False)
+        nodes = [a.usage() for a in self.nodes.values()]
+        now = time.monotonic()
+        return ActorResult(
+            text="".join(self.parts),
+            nodes=nodes,
+            input_tokens=sum(n.input_tokens for n in nodes),
+            output_tokens=sum(n.output_tokens for n in nodes),
+            total_tokens=sum(n.total_tokens for n in nodes),
+            cost_usd=self.cost(),
+            model_calls=self.model_calls,
+            tool_calls=self.tool_calls,
+            time_to_first_token_ms=(
+                None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
+            ),
+            duration_ms=(now - self.started) * 1000,
+            finish_reason=finish_reason or self.finish_reason,
+            error=error,
+        )

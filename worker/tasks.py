@@ -1,0 +1,30 @@
+"""The one Celery task: a thin shell that hands the job to the shared loop."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.exceptions import Reject
+
+from producer import keys
+from producer.schema import SCHEMA_VERSION, TASK_NAME
+
+from .app import app, get_runner
+from .loop import run_on_loop
+
+__all__ = ["run_job"]
+
+log = logging.getLogger("actorq.worker")
+
+
+@app.task(name=TASK_NAME, ignore_result=True)
+def run_job(job_id: Any = None, actor: Any = "", v: Any = None, **extra: Any) -> str:
+    """Run one attempt of a job. Arguments are the job id and actor name only."""
+    if not keys.valid_job_id(job_id):
+        log.error("rejected a message with no usable job id")
+        raise Reject("no usable job id", requeue=False)
+    error = None
+    if v != SCHEMA_VERSION:
+        error = f"message schema version {v!r} is not supported (want {SCHEMA_VERSION})"
+    return str(run_on_loop(get_runner().run(job_id, error)))
