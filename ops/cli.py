@@ -11,9 +11,11 @@ __all__ = ["main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from .local import run_demo
 
-    config = json.loads(open(args.config).read()) if args.config else None
+    config = json.loads(Path(args.config).read_text()) if args.config else None
     return run_demo(args.prompt, delay_ms=args.delay_ms, config=config)
 
 

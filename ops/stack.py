@@ -73,15 +73,24 @@ class EmbeddedRedis:
             self.port = free_port()
         args = [
             redis_server_binary(),
-            "--port", str(self.port),
-            "--bind", "127.0.0.1",
-            "--dir", str(self.dir),
-            "--save", "",
-            "--appendonly", "yes" if self.appendonly else "no",
-            "--daemonize", "no",
-            "--loglevel", "warning",
-            "--logfile", str(self.dir / "redis.log"),
-            "--maxclients", "10000",
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+            "--logfile",
+            str(self.dir / "redis.log"),
+            "--maxclients",
+            "10000",
         ]
         if self.password:
             args += ["--requirepass", self.password]
@@ -96,7 +105,9 @@ class EmbeddedRedis:
                 break
             except redis.ConnectionError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start (see {self.dir}/redis.log)") from None
+                    raise RuntimeError(
+                        f"redis-server did not start (see {self.dir}/redis.log)"
+                    ) from None
                 time.sleep(0.02)
             finally:
                 client.close()
@@ -132,17 +143,31 @@ class WorkerProcess:
     def start(self) -> WorkerProcess:
         env = {**os.environ, **self.env}
         args = [
-            sys.executable, "-m", "celery", "-A", "worker.app", "worker",
-            "--pool", "threads",
-            "--concurrency", str(self.concurrency),
-            "--hostname", f"{self.name}@%h",
-            "--loglevel", env.get("ACTORQ_LOG_LEVEL", "INFO"),
-            "--without-mingle", "--without-gossip",
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.app",
+            "worker",
+            "--pool",
+            "threads",
+            "--concurrency",
+            str(self.concurrency),
+            "--hostname",
+            f"{self.name}@%h",
+            "--loglevel",
+            env.get("ACTORQ_LOG_LEVEL", "INFO"),
+            "--without-mingle",
+            "--without-gossip",
             *self.extra_args,
         ]
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
-            args, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            args,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self
@@ -166,7 +191,9 @@ class WorkerProcess:
             while time.monotonic() < deadline:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError(f"worker {self.name} exited with {self.proc.returncode}")
-                replies = app.control.ping(destination=[f"{self.name}@{socket.gethostname()}"], timeout=0.5)
+                replies = app.control.ping(
+                    destination=[f"{self.name}@{socket.gethostname()}"], timeout=0.5
+                )
                 if replies:
                     return
             raise RuntimeError(f"worker {self.name} not ready after {timeout}s")

@@ -98,7 +98,9 @@ def enqueue_actor_job(
     )
 
 
-def stream_events(job_id: str, *, after: str = "0", timeout: float | None = None) -> Iterator[Event]:
+def stream_events(
+    job_id: str, *, after: str = "0", timeout: float | None = None
+) -> Iterator[Event]:
     """Every event of the job after entry ``after``, ending after the terminal event."""
     return default_client().stream_events(job_id, after=after, timeout=timeout)
 

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from . import keys, scripts
 from .config import parse_config, parse_credentials, parse_limits, parse_pricing
 from .crypto import encrypt_credentials
-from .errors import InvalidInput, JobNotFound, JobTimeout
+from .errors import ConfigError, InvalidInput, JobNotFound, JobTimeout
 from .schema import (
     SCHEMA_VERSION,
     TASK_NAME,
@@ -80,9 +80,7 @@ class Client:
         loop_id = id(asyncio.get_running_loop())
         client = self._aredis.get(loop_id)
         if client is None:
-            client = aioredis.Redis.from_url(
-                self.settings.redis_url, **self.settings.redis_options
-            )
+            client = aioredis.Redis.from_url(self.settings.redis_url, **self.settings.redis_options)
             self._aredis[loop_id] = client
         return client
 
@@ -95,6 +93,8 @@ class Client:
 
             app = Celery("actorq-producer")
             app.config_from_object(celeryconfig)
+            app.conf.broker_url = self.settings.broker_url
+            app.conf.task_default_queue = self.settings.queue
             self._celery = app
         return self._celery
 
@@ -102,6 +102,8 @@ class Client:
         if self._redis is not None:
             self._redis.close()
             self._redis = None
+        if self._celery is not None:
+            self._celery.close()
 
     # -- enqueue -----------------------------------------------------------------
 
@@ -124,12 +126,11 @@ class Client:
         s = self.settings
         r = self.redis
         idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
-        if idem is not None:
-            if not r.set(idem, job_id, nx=True, ex=s.retention_s):
-                existing = r.get(idem)
-                if existing is not None:
-                    return existing.decode()
-                r.set(idem, job_id, ex=s.retention_s)  # expired between SET and GET
+        if idem is not None and not r.set(idem, job_id, nx=True, ex=s.retention_s):
+            existing: Any = r.get(idem)
+            if existing is not None:
+                return str(existing.decode())
+            r.set(idem, job_id, ex=s.retention_s)  # expired between SET and GET
         now = f"{time.time():.6f}"
         created = r.eval(
             scripts.CREATE,
@@ -182,13 +183,13 @@ class Client:
         ):
             raise InvalidInput("idempotency_key", "must be 1-200 printable ASCII characters")
         if not isinstance(config, Mapping):
-            raise InvalidInput("config", f"must be a mapping, not {type(config).__name__}")
+            raise ConfigError("config", f"must be a mapping, not {type(config).__name__}")
         try:
             config_json = json.dumps(dict(config), allow_nan=False)
         except (TypeError, ValueError) as exc:
-            raise InvalidInput("config", f"must be JSON-serialisable ({exc})") from None
+            raise ConfigError("config", f"must be JSON-serialisable ({exc})") from None
         if len(config_json.encode()) > s.max_config_bytes:
-            raise InvalidInput("config", f"larger than {s.max_config_bytes} bytes")
+            raise ConfigError("config", f"larger than {s.max_config_bytes} bytes")
         if not isinstance(message, str):
             raise InvalidInput("message", f"must be a str, not {type(message).__name__}")
         if len(message.encode("utf-8", "surrogatepass")) > s.max_message_bytes:
@@ -216,7 +217,7 @@ class Client:
 
     def get_status(self, job_id: str) -> JobStatus:
         self._check_id(job_id)
-        raw = self.redis.hget(keys.job_key(job_id), "status")
+        raw: Any = self.redis.hget(keys.job_key(job_id), "status")
         if raw is None:
             raise JobNotFound(job_id)
         return JobStatus(raw.decode())
@@ -292,7 +293,7 @@ class Client:
                 if deadline is not None and time.monotonic() >= deadline:
                     raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
                 continue
-            for entry_id, fields in reply[0][1]:
+            for entry_id, fields in _entries(reply):
                 event = Event.from_entry(entry_id, fields)
                 cursor = event.id
                 yield event
@@ -314,7 +315,9 @@ class Client:
         cursor = after
         while True:
             remaining = None if deadline is None else deadline - loop.time()
-            block = _BLOCK_MS if remaining is None else max(1, min(_BLOCK_MS, int(remaining * 1000)))
+            block = (
+                _BLOCK_MS if remaining is None else max(1, min(_BLOCK_MS, int(remaining * 1000)))
+            )
             reply = await r.xread({stream: cursor}, count=1000, block=block)
             if not reply:
                 if not await r.exists(keys.job_key(job_id), stream):
@@ -322,7 +325,7 @@ class Client:
                 if deadline is not None and loop.time() >= deadline:
                     raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
                 continue
-            for entry_id, fields in reply[0][1]:
+            for entry_id, fields in _entries(reply):
                 event = Event.from_entry(entry_id, fields)
                 cursor = event.id
                 yield event
@@ -335,7 +338,7 @@ class Client:
         """Ask a job to stop. Harmless when repeated or after the end: the outcome says so."""
         self._check_id(job_id)
         s = self.settings
-        outcome = self.redis.eval(
+        outcome: Any = self.redis.eval(
             scripts.CANCEL,
             4,
             *scripts.job_keys(job_id),
@@ -367,6 +370,11 @@ def _before(entry_id: str) -> str:
     if int(seq or 0) > 0:
         return f"{ms}-{int(seq) - 1}"
     return f"{int(ms) - 1}-18446744073709551615" if int(ms) > 0 else "0"
+
+
+def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """The entries of a one-stream XREAD reply."""
+    return list(reply[0][1])
 
 
 def _block_ms(deadline: float | None) -> int:

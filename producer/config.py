@@ -30,8 +30,8 @@ __all__ = [
     "AgentConfig",
     "GraphConfig",
     "GraphEdge",
-    "Limits",
     "LLMConfig",
+    "Limits",
     "ModelPrice",
     "ScriptedTurn",
     "parse_config",
@@ -183,7 +183,11 @@ def _first_error(exc: ValidationError, root: str, tagged: bool = False) -> tuple
     if tagged and loc and loc[0] in ("llm", "agent", "graph"):
         loc = loc[1:]  # drop the discriminator tag pydantic puts first
     # Nested node configs also carry a tag: nodes.<name>.<tag>.<field>
-    loc = [p for i, p in enumerate(loc) if not (i >= 2 and loc[i - 2] == "nodes" and p in ("llm", "agent"))]
+    loc = [
+        p
+        for i, p in enumerate(loc)
+        if not (i >= 2 and loc[i - 2] == "nodes" and p in ("llm", "agent"))
+    ]
     path = ".".join([root, *loc]) if loc else root
     return path, err["msg"]
 
@@ -247,7 +251,9 @@ def parse_credentials(credentials: object) -> dict[str, dict[str, str]]:
     if credentials is None:
         return {}
     if not isinstance(credentials, Mapping):
-        raise CredentialsError("credentials", f"must be a mapping, not {type(credentials).__name__}")
+        raise CredentialsError(
+            "credentials", f"must be a mapping, not {type(credentials).__name__}"
+        )
     out: dict[str, dict[str, str]] = {}
     for provider, fields in credentials.items():
         if not isinstance(provider, str) or provider not in PROVIDERS:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["DEFAULT_REDIS_URL", "Settings"]
 
@@ -28,6 +29,7 @@ class Settings:
     """Everything both sides agree on. ``Settings.from_env()`` reads ``ACTORQ_*``."""
 
     redis_url: str = DEFAULT_REDIS_URL
+    broker_url: str = DEFAULT_REDIS_URL
     queue: str = "actorq"
     retention_s: int = 86_400
     max_config_bytes: int = 64 * 1024
@@ -36,13 +38,13 @@ class Settings:
     max_attempts: int = 3
     lease_ttl_s: int = 15
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
-    redis_options: dict[str, str] = field(default_factory=dict, repr=False)
+    redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         e = dict(os.environ if env is None else env)
         keys = tuple(k.strip() for k in e.get("ACTORQ_SECRET_KEY", "").split(",") if k.strip())
-        tls = {
+        tls: dict[str, Any] = {
             name: e[var]
             for name, var in (
                 ("ssl_ca_certs", "ACTORQ_REDIS_SSL_CA_CERTS"),
@@ -54,6 +56,7 @@ class Settings:
         }
         return cls(
             redis_url=e.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            broker_url=e.get("CELERY_BROKER_URL") or e.get("REDIS_URL") or DEFAULT_REDIS_URL,
             queue=e.get("ACTORQ_QUEUE") or "actorq",
             retention_s=_int(e, "ACTORQ_RETENTION_S", 86_400),
             max_config_bytes=_int(e, "ACTORQ_MAX_CONFIG_BYTES", 64 * 1024),

@@ -119,8 +119,12 @@ class JobRunner:
                 status, error, error_type = JobStatus.CANCELLED, "cancelled by request", "Cancelled"
             except (ActorqError, ValueError) as exc:
                 status, error, error_type = JobStatus.FAILED, str(exc), type(exc).__name__
-            result = executor.last_result if executor and executor.last_result else ActorResult(
-                finish_reason="error" if status == JobStatus.FAILED else status.value
+            result = (
+                executor.last_result
+                if executor and executor.last_result
+                else ActorResult(
+                    finish_reason="error" if status == JobStatus.FAILED else status.value
+                )
             )
             if channel.capped:
                 status, error, error_type = (
@@ -188,14 +192,27 @@ class JobRunner:
                     return JobStatus.FAILED, str(exc), type(exc).__name__
                 tries += 1
                 delay = min(8.0, 0.25 * 2**tries) * (0.5 + random.random())
-                log.warning("job %s: retryable provider error, retry %d in %.2fs: %s",
-                            channel.job_id, tries, delay, exc)
+                log.warning(
+                    "job %s: retryable provider error, retry %d in %.2fs: %s",
+                    channel.job_id,
+                    tries,
+                    delay,
+                    exc,
+                )
                 await asyncio.sleep(delay)
                 if channel.published + len(channel.pending) > published_before:
                     self.publisher.publish(
                         channel,
-                        ["type", "reset", "attempt", str(attempt), "retry", str(tries),
-                         "reason", f"provider error, retrying: {exc}"[:500]],
+                        [
+                            "type",
+                            "reset",
+                            "attempt",
+                            str(attempt),
+                            "retry",
+                            str(tries),
+                            "reason",
+                            f"provider error, retrying: {exc}"[:500],
+                        ],
                     )
 
     async def _finish(

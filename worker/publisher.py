@@ -116,9 +116,7 @@ class Publisher:
             if self._dirty:  # raced with a publish after the loop's last check
                 self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def _send(
-        self, taken: list[tuple[JobChannel, list[Sequence[str]], int]]
-    ) -> list[int]:
+    async def _send(self, taken: list[tuple[JobChannel, list[Sequence[str]], int]]) -> list[int]:
         s = self._settings
         if self._sha is None:
             self._sha = await self._redis.script_load(scripts.PUBLISH)

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -128,7 +129,9 @@ class Supervisor:
     async def sweep(self) -> int:
         """Requeue running jobs whose lease expired; return how many."""
         now = time.time()
-        stale = await self._redis.zrangebyscore(keys.RUNNING_INDEX, "-inf", now, start=0, num=100)
+        stale: Any = await self._redis.zrangebyscore(
+            keys.RUNNING_INDEX, "-inf", now, start=0, num=100
+        )
         requeued = 0
         for raw in stale:
             job_id = raw.decode()

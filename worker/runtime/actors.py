@@ -35,7 +35,9 @@ def _check_tools(cfg: LLMConfig, field: str) -> None:
     if isinstance(cfg, AgentConfig):
         for i, name in enumerate(cfg.tools):
             if get_tool(name) is None:
-                raise ConfigError(f"{field}.{i}", f"unknown tool {name!r} (have: {', '.join(tool_names())})")
+                raise ConfigError(
+                    f"{field}.{i}", f"unknown tool {name!r} (have: {', '.join(tool_names())})"
+                )
 
 
 def drive(executor: Executor, run: Run, message: str) -> AsyncIterator[RunEvent]:

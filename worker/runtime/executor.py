@@ -54,7 +54,9 @@ def create_executor(
     parsed_limits = parse_limits(limits)
     if stall_timeout_ms is not None and parsed_limits.stall_timeout_ms is None:
         parsed_limits = parsed_limits.model_copy(update={"stall_timeout_ms": stall_timeout_ms})
-    executor = Executor(config, parse_credentials(credentials), parsed_limits, parse_pricing(pricing))
+    executor = Executor(
+        config, parse_credentials(credentials), parsed_limits, parse_pricing(pricing)
+    )
     executor.check()
     return executor
 
@@ -112,7 +114,7 @@ class Executor:
 
         run = Run(self.limits, self.pricing)
         self.last_result = None
-        inner = actors.drive(self, run, message)
+        inner: Any = actors.drive(self, run, message)
         timeout = self.limits.timeout_ms
         stall = self.limits.stall_timeout_ms
         loop = asyncio.get_running_loop()
@@ -202,7 +204,11 @@ class Executor:
                     usage = chunk.usage_metadata
                 if chunk.tool_call_chunks:
                     tool_chunks.append(chunk)
-                fr = chunk.response_metadata.get("finish_reason") if chunk.response_metadata else None
+                fr = (
+                    chunk.response_metadata.get("finish_reason")
+                    if chunk.response_metadata
+                    else None
+                )
                 if fr:
                     finish = fr
         except ProviderError:

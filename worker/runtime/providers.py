@@ -9,8 +9,8 @@ from langchain_core.language_models import BaseChatModel
 from producer.config import LLMConfig
 
 from ..errors import CredentialsError, ProviderError
-from .scrub import scrub
 from .scripted import ScriptedChatModel
+from .scrub import scrub
 
 __all__ = ["build_chat_model", "provider_error"]
 

@@ -147,10 +147,14 @@ class Run:
             raise LimitExceeded("max_cost_usd", f"running cost {total:.6f} > {limit}")
 
     def cost(self) -> Decimal | None:
-        costs = [a.cost for a in self.nodes.values()]
-        if not costs or any(c is None for c in costs):
+        total = Decimal(0)
+        if not self.nodes:
             return None
-        return sum(costs, Decimal(0))  # type: ignore[arg-type]
+        for acc in self.nodes.values():
+            if acc.cost is None:
+                return None
+            total += acc.cost
+        return total
 
     # -- result ------------------------------------------------------------------
 

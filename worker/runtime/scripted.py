@@ -135,7 +135,7 @@ class ScriptedChatModel(BaseChatModel):
     ) -> ChatResult:
         merged: AIMessageChunk | None = None
         for chunk in self._stream(messages, stop, run_manager, **kwargs):
-            merged = chunk.message if merged is None else merged + chunk.message  # type: ignore[operator,assignment]
+            merged = chunk.message if merged is None else merged + chunk.message  # type: ignore[assignment]
         assert merged is not None
         msg = AIMessage(
             content=merged.content,

@@ -23,7 +23,10 @@ def register_tool(func: Callable[..., Any], *, name: str | None = None) -> BaseT
     """Register a plain (sync or async) function as a tool under ``name``."""
     import inspect
 
-    kwargs: dict[str, Any] = {"name": name or func.__name__, "description": (func.__doc__ or "").strip()}
+    kwargs: dict[str, Any] = {
+        "name": name or func.__name__,
+        "description": (func.__doc__ or "").strip(),
+    }
     if inspect.iscoroutinefunction(func):
         tool = StructuredTool.from_function(coroutine=func, **kwargs)
     else:
@@ -57,9 +60,9 @@ def _eval(node: ast.AST) -> float:
     if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
         return node.value
     if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_eval(node.left), _eval(node.right))  # type: ignore[no-any-return]
+        return _OPS[type(node.op)](_eval(node.left), _eval(node.right))
     if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
-        return _OPS[type(node.op)](_eval(node.operand))  # type: ignore[no-any-return]
+        return _OPS[type(node.op)](_eval(node.operand))
     raise ValueError("only numbers and + - * / % are allowed")
 
 

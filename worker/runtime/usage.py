@@ -47,7 +47,11 @@ def encoding_cache_dir() -> str:
 
 
 def _encoding_for(model: str) -> str:
-    return "o200k_base" if model.startswith(("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4")) else "cl100k_base"
+    return (
+        "o200k_base"
+        if model.startswith(("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4"))
+        else "cl100k_base"
+    )
 
 
 @lru_cache(maxsize=8)
@@ -77,9 +81,7 @@ def count_tokens(text: str, model: str) -> tuple[int, str]:
     return math.ceil(len(text) / 4), "heuristic"
 
 
-def cost_usd(
-    price: ModelPrice | None, input_tokens: int, output_tokens: int
-) -> Decimal | None:
+def cost_usd(price: ModelPrice | None, input_tokens: int, output_tokens: int) -> Decimal | None:
     """Cost in USD, or ``None`` when the model has no price (unknown is not free)."""
     if price is None:
         return None

@@ -1,0 +1,114 @@
+"""Shared fixtures: a real Redis (embedded unless REDIS_URL is set) and real workers.
+
+Every process a fixture starts is stopped by pid at the end, whatever happened.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from ops.stack import EmbeddedRedis, WorkerProcess
+from producer import Client, Settings
+from producer.crypto import generate_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class RedisTarget:
+    def __init__(self, url: str, embedded: EmbeddedRedis | None) -> None:
+        self.url = url
+        self.embedded = embedded
+
+    def client(self) -> redis.Redis:
+        return redis.Redis.from_url(self.url)
+
+
+@pytest.fixture(scope="session")
+def redis_target() -> Iterator[RedisTarget]:
+    url = os.environ.get("REDIS_URL")
+    if url:
+        yield RedisTarget(url, None)
+        return
+    server = EmbeddedRedis().start()
+    try:
+        yield RedisTarget(server.url, server)
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def session_tag() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+def stack_env(redis_target: RedisTarget, session_tag: str) -> dict[str, str]:
+    env = {
+        "REDIS_URL": redis_target.url,
+        "ACTORQ_SECRET_KEY": generate_key(),
+        "ACTORQ_QUEUE": f"actorq-test-{session_tag}",
+        "ACTORQ_LOG_LEVEL": "INFO",
+        "PYTHONPATH": str(ROOT),
+    }
+    if os.environ.get("CELERY_BROKER_URL"):
+        env["CELERY_BROKER_URL"] = os.environ["CELERY_BROKER_URL"]
+    return env
+
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@pytest.fixture(scope="session")
+def start_worker(
+    stack_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory, session_tag: str
+) -> Iterator[WorkerFactory]:
+    """Start ``celery worker`` subprocesses; all are stopped (by pid) at session end."""
+    started: list[WorkerProcess] = []
+    logs = tmp_path_factory.mktemp("worker-logs")
+
+    def start(
+        name: str | None = None,
+        concurrency: int = 50,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
+    ) -> WorkerProcess:
+        name = name or f"w{len(started)}-{session_tag}"
+        worker = WorkerProcess(
+            env={**stack_env, **(env or {})},
+            name=name,
+            concurrency=concurrency,
+            log_path=logs / f"{name}.log",
+        )
+        started.append(worker)
+        worker.start()
+        if wait:
+            worker.wait_ready(worker.env["REDIS_URL"], timeout=60)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def workers(start_worker: WorkerFactory) -> list[WorkerProcess]:
+    """Two workers sharing the session's queue."""
+    return [start_worker(f"a-{uuid.uuid4().hex[:6]}"), start_worker(f"b-{uuid.uuid4().hex[:6]}")]
+
+
+@pytest.fixture
+def client(stack_env: dict[str, str]) -> Iterator[Client]:
+    c = Client(Settings.from_env(stack_env))
+    yield c
+    c.close()
+
+
+def hostname() -> str:
+    return socket.gethostname()
