@@ -17,6 +17,7 @@ import redis
 from ops.stack import EmbeddedRedis, WorkerProcess
 from producer import Client, Settings
 from producer.crypto import generate_key
+from tests.openai_server import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,6 +102,16 @@ def start_worker(
 def workers(start_worker: WorkerFactory) -> list[WorkerProcess]:
     """Two workers sharing the session's queue."""
     return [start_worker(f"a-{uuid.uuid4().hex[:6]}"), start_worker(f"b-{uuid.uuid4().hex[:6]}")]
+
+
+@pytest.fixture(scope="session")
+def openai_server() -> Iterator[FakeOpenAI]:
+    """An OpenAI-compatible server on 127.0.0.1 that workers and tests can reach."""
+    server = FakeOpenAI().start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture
