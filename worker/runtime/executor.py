@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -77,6 +77,7 @@ class Executor:
         self._credentials = credentials
         self._secrets = secret_values(credentials)
         self.last_result: ActorResult | None = None
+        self._graph: Any = None
 
     @property
     def name(self) -> str:
@@ -86,7 +87,18 @@ class Executor:
         """Fail at build time on what can be known before running (tools, graph shape)."""
         from . import actors
 
-        actors.check(self.config)
+        actors.check(self.config, self._credentials)
+        if isinstance(self.config, GraphConfig):
+            self.compiled_graph()
+
+    def compiled_graph(self) -> Any:
+        """The LangGraph graph of a ``graph`` actor, compiled once per executor."""
+        if self._graph is None:
+            from .graph import build_graph
+
+            assert isinstance(self.config, GraphConfig)
+            self._graph = build_graph(self, self.config)
+        return self._graph
 
     def scrub(self, text: str) -> str:
         return scrub(text, self._secrets)
@@ -101,12 +113,17 @@ class Executor:
         return self.last_result
 
     async def execute_stream(self, message: str) -> AsyncIterator[str]:
-        """Yield text tokens as the model produces them; ``last_result`` holds the result."""
-        async for event in self.events(message):
-            if event.type == "token":
-                yield event.text
+        """Yield text tokens as the model produces them; ``last_result`` holds the result.
 
-    async def events(self, message: str) -> AsyncIterator[RunEvent]:
+        Close the iterator when stopping early (``contextlib.aclosing``) so the
+        provider stream is closed and ``last_result`` is set at once.
+        """
+        async with contextlib.aclosing(self.events(message)) as events:
+            async for event in events:
+                if event.type == "token":
+                    yield event.text
+
+    async def events(self, message: str) -> AsyncGenerator[RunEvent, None]:
         """Every event of one execution, with ``timeout_ms`` and the stall guard enforced."""
         if not isinstance(message, str):
             raise TypeError(f"message must be a str, not {type(message).__name__}")
@@ -182,7 +199,8 @@ class Executor:
         reply: list[AIMessage],
     ) -> AsyncIterator[RunEvent]:
         """One model call through ``astream``: yield tokens, append the full reply to ``reply``."""
-        run.begin_model_call(node, cfg.provider, cfg.model)
+        prompt = _prompt_text(messages)
+        run.begin_model_call(node, cfg.provider, cfg.model, prompt)
         parts: list[str] = []
         usage: Any = None
         tool_chunks: list[Any] = []
@@ -218,7 +236,7 @@ class Executor:
         except Exception as exc:
             raise provider_error(exc, self._secrets) from None
         output = "".join(parts)
-        run.end_model_call(usage, _prompt_text(messages), output)
+        run.end_model_call(usage, output)
         tool_calls: list[Any] = []
         if tool_chunks:
             merged = tool_chunks[0]
