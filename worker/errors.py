@@ -10,6 +10,7 @@ __all__ = [
     "ConfigError",
     "CredentialsError",
     "LimitExceeded",
+    "ProviderAuthError",
     "ProviderError",
 ]
 
@@ -25,6 +26,10 @@ class ProviderError(ActorError):
         self.retryable = retryable
         self.status_code = status_code
         super().__init__(message)
+
+
+class ProviderAuthError(ProviderError):
+    """The provider rejected the credentials (401 / 403); never retryable."""
 
 
 class LimitExceeded(ActorError):

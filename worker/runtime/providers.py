@@ -8,7 +8,7 @@ from langchain_core.language_models import BaseChatModel
 
 from producer.config import LLMConfig
 
-from ..errors import CredentialsError, ProviderError
+from ..errors import CredentialsError, ProviderAuthError, ProviderError
 from .scripted import ScriptedChatModel
 from .scrub import scrub
 
@@ -68,6 +68,8 @@ def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
         import openai
     except ImportError:  # pragma: no cover - worker extra always has them
         return ProviderError(text, retryable=False, status_code=status)
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ProviderAuthError(text, retryable=False, status_code=exc.status_code)
     if isinstance(exc, openai.APIStatusError):
         retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code == 408
         return ProviderError(text, retryable=retryable, status_code=exc.status_code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -13,7 +12,7 @@ from producer.config import Limits, ModelPrice
 from producer.schema import ActorResult, NodeUsage
 
 from ..errors import LimitExceeded
-from .usage import cost_usd, count_tokens
+from .usage import cost_usd, count_tokens, warn_heuristic
 
 __all__ = ["Run", "RunEvent"]
 
@@ -184,18 +183,4 @@ class Run:
             duration_ms=(now - self.started) * 1000,
             finish_reason=finish_reason or self.finish_reason,
             error=error,
-        )
-
-
-_warned: set[str] = set()
-
-
-def warn_heuristic(model: str) -> None:
-    """Warn (once per model and process) that token counts are estimates."""
-    if model not in _warned:
-        _warned.add(model)
-        logging.getLogger("actorq.usage").warning(
-            "model %s: no provider usage and no offline tiktoken encoding; "
-            "estimating tokens as ceil(characters / 4)",
-            model,
         )
