@@ -27,6 +27,7 @@ from producer.config import (
     parse_limits,
     parse_pricing,
 )
+from producer.errors import InvalidInput
 from producer.schema import ActorResult
 
 from ..errors import ActorError, LimitExceeded, ProviderError
@@ -88,8 +89,21 @@ class Executor:
         from . import actors
 
         actors.check(self.config, self._credentials)
+        if self.limits.max_cost_usd is not None:
+            for cfg in self.node_configs():
+                if cfg.model not in self.pricing:
+                    raise InvalidInput(
+                        "pricing",
+                        f"limits.max_cost_usd needs a price for every model; {cfg.model!r} has none",
+                    )
         if isinstance(self.config, GraphConfig):
             self.compiled_graph()
+
+    def node_configs(self) -> list[LLMConfig]:
+        """The model configs this actor runs: its nodes, or itself."""
+        if isinstance(self.config, GraphConfig):
+            return list(self.config.nodes.values())
+        return [self.config]
 
     def compiled_graph(self) -> Any:
         """The LangGraph graph of a ``graph`` actor, compiled once per executor."""
@@ -139,6 +153,10 @@ class Executor:
         try:
             while True:
                 budget = None if deadline is None else deadline - loop.time()
+                if budget is not None and budget <= 0:
+                    # Checked before awaiting: buffered events arrive without a
+                    # suspension, so an expired timeout would never fire (slow consumer).
+                    raise LimitExceeded("timeout_ms", f"ran longer than {timeout} ms")
                 step = budget
                 if stall is not None:
                     step = stall / 1000 if step is None else min(step, stall / 1000)
@@ -155,8 +173,6 @@ class Executor:
                     raise LimitExceeded(
                         "stall_timeout_ms", f"model sent nothing for {stall} ms"
                     ) from None
-                if event.type == "token":
-                    run.on_token(event.text)
                 yield event
             self.last_result = run.result()
         except LimitExceeded as exc:
@@ -208,16 +224,12 @@ class Executor:
         try:
             async for chunk in model.astream(messages):
                 text = chunk.content
-                if isinstance(text, str):
-                    if text:
-                        parts.append(text)
-                        yield RunEvent("token", text, node)
-                elif text:  # content blocks
-                    for block in text:
-                        t = block.get("text") if isinstance(block, dict) else None
-                        if t:
-                            parts.append(t)
-                            yield RunEvent("token", t, node)
+                pieces = [text] if isinstance(text, str) else _block_texts(text)
+                for piece in pieces:
+                    if piece:
+                        parts.append(piece)
+                        run.on_token(piece)  # counts, and enforces max_cost_usd mid-stream
+                        yield RunEvent("token", piece, node)
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
                 if chunk.tool_call_chunks:
@@ -246,6 +258,10 @@ class Executor:
         if finish == "length":
             run.finish_reason = "length"
         reply.append(AIMessage(content=output, tool_calls=tool_calls))
+
+
+def _block_texts(content: list[Any]) -> list[str]:
+    return [b.get("text") or "" for b in content if isinstance(b, dict)]
 
 
 def _prompt_text(messages: list[BaseMessage]) -> str:

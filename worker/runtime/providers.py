@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Mapping
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
@@ -23,6 +26,28 @@ def check_credentials(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str
             raise CredentialsError(
                 "credentials.openai.api_key", "required for provider openai without a base_url"
             )
+
+
+# One HTTP connection pool per event loop. langchain-openai's default async client
+# is cached for the process and bound to the first loop that used it, which
+# breaks every later loop (``asyncio.run`` per call, tests); the worker runs one
+# shared loop, so this is one pool per worker process there.
+_http_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _http_client() -> Any:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None  # built outside a loop: langchain-openai's default applies
+    client = _http_clients.get(loop)
+    if client is None:
+        import openai
+
+        client = _http_clients[loop] = openai.DefaultAsyncHttpxClient()
+    return client
 
 
 def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]]) -> BaseChatModel:
@@ -54,6 +79,7 @@ def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]
         temperature=cfg.temperature,
         max_completion_tokens=cfg.max_tokens,
         stream_usage=True,
+        http_async_client=_http_client(),
         max_retries=0,  # retries are the job runner's, with resets and backoff
         timeout=60,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -119,6 +120,7 @@ class Run:
         if acc is None:
             return
         self._inflight_node = None
+        chunks = len(self._inflight_parts)
         self.final_text = output_text
         if usage and usage.get("input_tokens") is not None:
             n_in, n_out = int(usage["input_tokens"]), int(usage.get("output_tokens") or 0)
@@ -128,6 +130,7 @@ class Run:
             n_out, _ = count_tokens(output_text, acc.model)
             acc.sources.add(source)
             if source == "heuristic":
+                n_out = max(n_out, chunks)
                 warn_heuristic(acc.model)
         acc.input_tokens += n_in
         acc.output_tokens += n_out
@@ -142,10 +145,9 @@ class Run:
         total = self.cost() or Decimal(0)
         acc = self._inflight_node
         if acc is not None:
-            # Estimate the call in flight: its prompt, and one token per chunk so far.
-            total += cost_usd(
-                self.pricing.get(acc.model), self._inflight_input, len(self._inflight_parts)
-            ) or Decimal(0)
+            # Estimate the call in flight: its prompt, and at least one token per chunk so far.
+            out = max(len(self._inflight_parts), math.ceil(sum(map(len, self._inflight_parts)) / 4))
+            total += cost_usd(self.pricing.get(acc.model), self._inflight_input, out) or Decimal(0)
         if total > limit:
             raise LimitExceeded("max_cost_usd", f"running cost {total:.6f} > {limit}")
 
