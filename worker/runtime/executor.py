@@ -228,8 +228,11 @@ class Executor:
                 for piece in pieces:
                     if piece:
                         parts.append(piece)
-                        run.on_token(piece)  # counts, and enforces max_cost_usd mid-stream
+                        run.on_token(piece)
                         yield RunEvent("token", piece, node)
+                        # After the yield: the token that passes the budget is still
+                        # published, so the stream and the partial result agree.
+                        run.check_cost()
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
                 if chunk.tool_call_chunks:

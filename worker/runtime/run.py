@@ -86,8 +86,11 @@ class Run:
             self.first_token_at = time.monotonic()
         if self._inflight_node is not None:
             self._inflight_parts.append(text)
-            if self.limits.max_cost_usd is not None:
-                self._check_cost()
+
+    def check_cost(self) -> None:
+        """Raise ``LimitExceeded`` once the running cost (finished calls + the one in flight) passes the budget."""
+        if self.limits.max_cost_usd is not None:
+            self._check_cost()
 
     def begin_model_call(self, node: str, provider: str, model: str, prompt_text: str) -> None:
         limit = self.limits.max_model_calls
