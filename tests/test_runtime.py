@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import time
@@ -512,3 +513,71 @@ def test_self_hosted_server_needs_no_key(openai_server: FakeOpenAI) -> None:
     ex = create_executor(llm(m, base_url=openai_server.base_url))
     assert run(ex.execute("hi")).text == "local reply"
     assert _auth(openai_server, m) == "Bearer EMPTY"
+
+
+# -- cancellation --------------------------------------------------------------------
+
+
+def test_cancelling_an_execution_closes_the_stream_and_keeps_the_partial_result(
+    openai_server: FakeOpenAI,
+) -> None:
+    m = openai_server.script(model("cancel"), Reply(text="a b c d e f g h", chunk_delay_s=0.2))
+    ex = create_executor(llm(m), creds(openai_server))
+
+    async def cancel_after_two() -> None:
+        got: list[str] = []
+
+        async def consume() -> None:
+            async for token in ex.execute_stream("go"):
+                got.append(token)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancel_after_two())
+    result = ex.last_result
+    assert result is not None and result.finish_reason == "cancelled"
+    assert result.text.startswith("a b") and result.model_calls == 1
+    _wait_for(lambda: m in openai_server.closed_early)
+
+
+def test_leaving_execute_stream_early_closes_the_provider_stream(openai_server: FakeOpenAI) -> None:
+    m = openai_server.script(model("leave"), Reply(text="a b c d e f g h", chunk_delay_s=0.2))
+    ex = create_executor(llm(m), creds(openai_server))
+
+    async def first_two() -> list[str]:
+        got: list[str] = []
+        async with contextlib.aclosing(ex.execute_stream("go")) as tokens:
+            async for token in tokens:
+                got.append(token)
+                if len(got) == 2:
+                    break
+        return got
+
+    assert run(first_two()) == ["a", " b"]
+    assert ex.last_result is not None and ex.last_result.finish_reason == "cancelled"
+    assert ex.last_result.text == "a b"
+    _wait_for(lambda: m in openai_server.closed_early)
+
+
+def test_scripted_agents_in_a_graph_play_their_own_scripts() -> None:
+    def agent(expr: str, answer: str) -> dict[str, Any]:
+        turns = [{"tool_calls": [{"name": "calculator", "args": {"expression": expr}}]}]
+        return {"type": "agent", "provider": "scripted", "tools": ["calculator"],
+                "script": [*turns, {"text": answer}]}  # fmt: skip
+
+    config = {
+        "type": "graph",
+        "entry": "a",
+        "nodes": {"a": agent("1+1", "two"), "b": agent("2+2", "four")},
+        "edges": [{"from": "a", "to": "b"}],
+    }
+    ex = create_executor(config)
+    events = run(collect(ex.events("x")))
+    outputs = [(e.node, e.data["output"]) for e in events if e.type == "tool_result"]
+    assert outputs == [("a", "2"), ("b", "4")]
+    assert ex.last_result is not None and ex.last_result.text == "four"
