@@ -581,3 +581,29 @@ def test_scripted_agents_in_a_graph_play_their_own_scripts() -> None:
     outputs = [(e.node, e.data["output"]) for e in events if e.type == "tool_result"]
     assert outputs == [("a", "2"), ("b", "4")]
     assert ex.last_result is not None and ex.last_result.text == "four"
+
+
+def test_limits_stop_a_graph_inside_its_nodes(openai_server: FakeOpenAI) -> None:
+    d = openai_server.script(model("draft"), Reply(text="quick draft"))
+    r = openai_server.script(model("review"), Reply(text="a b c d e f g h i j", chunk_delay_s=0.2))
+    ex = create_executor(_review_graph(d, r), creds(openai_server), {"max_model_calls": 1})
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("go"))
+    assert info.value.limit == "max_model_calls"
+    assert ex.last_result is not None and ex.last_result.text == "quick draft"
+    assert [n.node for n in ex.last_result.nodes] == ["draft"]
+
+    ex = create_executor(_review_graph(d, r), creds(openai_server), {"timeout_ms": 800})
+    events: list[Any] = []
+
+    async def consume() -> None:
+        async for e in ex.events("go"):
+            events.append(e)
+
+    with pytest.raises(LimitExceeded) as info:
+        run(consume())
+    assert info.value.limit == "timeout_ms"
+    partial = [e.text for e in events if e.type == "token" and e.node == "review"]
+    assert 0 < len(partial) < 10
+    assert ex.last_result is not None and ex.last_result.text == "".join(partial)
+    _wait_for(lambda: r in openai_server.closed_early)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from producer.errors import ActorqError, ConfigError, CredentialsError
+from producer.errors import ActorqError, ConfigError, CredentialsError, InvalidInput
 
 __all__ = [
     "ActorError",
     "Cancelled",
     "ConfigError",
     "CredentialsError",
+    "InvalidInput",
     "LimitExceeded",
     "ProviderAuthError",
     "ProviderError",
