@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from ops.stack import WorkerProcess
 from producer import Client, JobStatus
 from producer.schema import Event
 from tests.openai_server import FakeOpenAI, Reply, ToolCall
@@ -110,7 +111,9 @@ def test_graph_job_tags_tokens_by_node(client: Client, openai_server: FakeOpenAI
     assert all(n.usage_source == "provider" for n in result.nodes)
 
 
-def test_rejected_key_fails_without_leaking_it(client: Client, openai_server: FakeOpenAI) -> None:
+def test_rejected_key_fails_without_leaking_it(
+    client: Client, openai_server: FakeOpenAI, workers: list[WorkerProcess]
+) -> None:
     m = openai_server.script(model("wauth"), Reply(status=401, echo_key=True))
     events, record = _run(client, llm(m), "hi", credentials=creds(openai_server))
     assert record.status is JobStatus.FAILED
@@ -119,6 +122,10 @@ def test_rejected_key_fails_without_leaking_it(client: Client, openai_server: Fa
     everything = record.model_dump_json() + json.dumps([e.fields for e in events])
     assert "Incorrect API key provided" in everything
     assert API_KEY not in everything and API_KEY[:12] not in everything
+    for worker in workers:  # nor in any worker log line
+        assert worker.log_path is not None
+        logged = worker.log_path.read_text(errors="replace")
+        assert API_KEY not in logged and API_KEY[:12] not in logged
 
 
 def test_cost_limit_ends_limit_exceeded_with_the_partial_result(
