@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# ruff: noqa: E402
 from typing import Any
 
 from tests.openai_server import FakeOpenAI, Reply
