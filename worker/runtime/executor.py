@@ -27,10 +27,10 @@ from producer.config import (
     parse_limits,
     parse_pricing,
 )
-from producer.errors import InvalidInput
+from producer.errors import ActorqError, InvalidInput
 from producer.schema import ActorResult
 
-from ..errors import ActorError, LimitExceeded, ProviderError
+from ..errors import LimitExceeded, ProviderError
 from .providers import build_chat_model, provider_error
 from .run import Run, RunEvent
 from .scrub import scrub, secret_values
@@ -179,7 +179,7 @@ class Executor:
             reason = "timeout" if exc.timed_out else "limit"
             self.last_result = run.result(reason, str(exc))
             raise
-        except ActorError as exc:
+        except ActorqError as exc:  # typed already (provider, credentials, ...): keep it
             self.last_result = run.result("error", self.scrub(str(exc)))
             raise
         except (asyncio.CancelledError, GeneratorExit):
