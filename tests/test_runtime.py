@@ -607,3 +607,27 @@ def test_limits_stop_a_graph_inside_its_nodes(openai_server: FakeOpenAI) -> None
     assert 0 < len(partial) < 10
     assert ex.last_result is not None and ex.last_result.text == "".join(partial)
     _wait_for(lambda: r in openai_server.closed_early)
+
+
+def test_length_finish_reason_is_reported(openai_server: FakeOpenAI) -> None:
+    m = openai_server.script(model("length"), Reply(text="cut short", finish_reason="length"))
+    result = run(create_executor(llm(m, max_tokens=2), creds(openai_server)).execute("go"))
+    assert result.finish_reason == "length" and result.text == "cut short"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"provider": "anthropic"}, "config.provider"),
+        ({"temperature": 5}, "config.temperature"),
+        ({"max_tokens": 0}, "config.max_tokens"),
+        ({"api_key": "sk-in-config"}, "config.api_key"),
+        ({"type": "agent", "tools": ["calculator"], "max_iterations": 0}, "config.max_iterations"),
+        ({"type": "robot"}, "config.type"),
+    ],
+)
+def test_bad_llm_configs_name_the_field(change: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        create_executor({**llm("m", base_url="http://127.0.0.1:9/v1"), **change})
+    assert info.value.field == field
+    assert "sk-in-config" not in str(info.value)
