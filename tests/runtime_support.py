@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import time
 import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -26,6 +27,12 @@ def creds(server: FakeOpenAI, api_key: str = API_KEY) -> dict[str, dict[str, str
     return {"openai": {"api_key": api_key, "base_url": server.base_url}}
 
 
+def auth_header(server: FakeOpenAI, model_name: str) -> str:
+    """The Authorization header of the first request for ``model_name``."""
+    headers = {k.lower(): v for k, v in server.calls(model_name)[0].headers.items()}
+    return headers["authorization"]
+
+
 def llm(model_name: str, **extra: Any) -> dict[str, Any]:
     return {"type": "llm", "name": "writer", "provider": "openai", "model": model_name, **extra}
 
@@ -33,6 +40,35 @@ def llm(model_name: str, **extra: Any) -> dict[str, Any]:
 def run(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
     """Run a coroutine on a fresh loop, bounded so a bug cannot hang the suite."""
     return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def review_graph(draft: str, review: str, **extra: Any) -> dict[str, Any]:
+    """draft -> review; review -> draft when it says REVISE, else the end."""
+    return {
+        "type": "graph",
+        "name": "writer_room",
+        "entry": "draft",
+        "max_visits": 3,
+        "nodes": {
+            "draft": {"provider": "openai", "model": draft, "system_prompt": "Write it."},
+            "review": {"provider": "openai", "model": review, "system_prompt": "Judge it."},
+        },
+        "edges": [
+            {"from": "draft", "to": "review"},
+            {"from": "review", "to": "draft", "when": "REVISE"},
+            {"from": "review", "to": "__end__"},
+        ],
+        **extra,
+    }
+
+
+def wait_for(check: Any, timeout: float = 5.0) -> None:
+    """Poll ``check`` until true; fail after ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > end:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
 
 
 async def collect(agen: Any) -> list[Any]:
