@@ -35,6 +35,7 @@ __all__ = [
     "Limits",
     "ModelPrice",
     "ScriptedTurn",
+    "check_budget",
     "parse_config",
     "parse_credentials",
     "parse_limits",
@@ -275,6 +276,24 @@ def parse_pricing(pricing: object) -> dict[str, ModelPrice]:
         return _PRICING.validate_python(dict(pricing))
     except ValidationError as exc:
         raise InvalidInput(*_first_error(exc, "pricing")) from None
+
+
+def check_budget(
+    config: LLMConfig | GraphConfig, limits: Limits, pricing: Mapping[str, ModelPrice]
+) -> None:
+    """A cost budget needs a price for every model the actor runs (unknown cost is not 0)."""
+    if limits.max_cost_usd is None:
+        return
+    models = (
+        [n.model for n in config.nodes.values()]
+        if isinstance(config, GraphConfig)
+        else [config.model]
+    )
+    for model in models:
+        if model not in pricing:
+            raise InvalidInput(
+                "pricing", f"limits.max_cost_usd needs a price for every model; {model!r} has none"
+            )
 
 
 def parse_credentials(credentials: object) -> dict[str, dict[str, str]]:

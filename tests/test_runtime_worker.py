@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 from ops.stack import WorkerProcess
-from producer import Client, JobStatus
+from producer import Client, InvalidInput, JobStatus
 from producer.schema import Event
+from tests.conftest import RedisTarget
+from tests.helpers import actorq_keys
 from tests.openai_server import FakeOpenAI, Reply, ToolCall
 from tests.runtime_support import API_KEY, creds, llm, model
 
@@ -170,3 +172,15 @@ def test_dropped_connection_is_retried_after_a_reset(client: Client, openai_serv
     assert "".join(t for _, t in _tokens(after_reset)) == "whole answer"
     assert record.status is JobStatus.SUCCEEDED and record.result.text == "whole answer"
     assert len(openai_server.calls(m)) == 2
+
+
+def test_a_budget_without_prices_is_refused_at_enqueue(
+    client: Client, openai_server: FakeOpenAI, redis_target: RedisTarget
+) -> None:
+    before = actorq_keys(redis_target.client())
+    with pytest.raises(InvalidInput) as info:
+        client.enqueue_actor_job(
+            llm("unpriced-model"), "hi", credentials=creds(openai_server), limits={"max_cost_usd": 1}
+        )
+    assert info.value.field == "pricing" and "unpriced-model" in str(info.value)
+    assert actorq_keys(redis_target.client()) - before == set()

@@ -22,12 +22,13 @@ from producer.config import (
     Limits,
     LLMConfig,
     ModelPrice,
+    check_budget,
     parse_config,
     parse_credentials,
     parse_limits,
     parse_pricing,
 )
-from producer.errors import ActorqError, InvalidInput
+from producer.errors import ActorqError
 from producer.schema import ActorResult
 
 from ..errors import LimitExceeded, ProviderError
@@ -89,21 +90,9 @@ class Executor:
         from . import actors
 
         actors.check(self.config, self._credentials)
-        if self.limits.max_cost_usd is not None:
-            for cfg in self.node_configs():
-                if cfg.model not in self.pricing:
-                    raise InvalidInput(
-                        "pricing",
-                        f"limits.max_cost_usd needs a price for every model; {cfg.model!r} has none",
-                    )
+        check_budget(self.config, self.limits, self.pricing)
         if isinstance(self.config, GraphConfig):
             self.compiled_graph()
-
-    def node_configs(self) -> list[LLMConfig]:
-        """The model configs this actor runs: its nodes, or itself."""
-        if isinstance(self.config, GraphConfig):
-            return list(self.config.nodes.values())
-        return [self.config]
 
     def compiled_graph(self) -> Any:
         """The LangGraph graph of a ``graph`` actor, compiled once per executor."""
