@@ -27,6 +27,7 @@ from worker import (
     CredentialsError,
     NodeUsage,
     create_executor,
+    register_tool,
 )
 
 
@@ -293,3 +294,33 @@ def test_length_finish_reason_is_reported(openai_server: FakeOpenAI) -> None:
     m = openai_server.script(model("length"), Reply(text="cut short", finish_reason="length"))
     result = run(create_executor(llm(m, max_tokens=2), creds(openai_server)).execute("go"))
     assert result.finish_reason == "length" and result.text == "cut short"
+
+
+def test_a_failing_tool_is_reported_to_the_model_not_raised(openai_server: FakeOpenAI) -> None:
+    def explode(text: str) -> str:
+        """Always fails."""
+        raise ValueError(f"cannot handle {text!r} with key {API_KEY}")
+
+    register_tool(explode, name="test_explode")
+    m = openai_server.script(
+        model("toolfail"),
+        Reply(
+            text="",
+            tool_calls=(ToolCall("test_explode", {"text": "x"}), ToolCall("calculator", {})),
+        ),
+        Reply(text="sorry"),
+    )
+    ex = create_executor(
+        {**llm(m), "type": "agent", "tools": ["test_explode"]}, creds(openai_server)
+    )
+    events = run(collect(ex.events("go")))
+    outputs = [e.data["output"] for e in events if e.type == "tool_result"]
+    assert (
+        outputs[0].startswith("error: ValueError: cannot handle 'x'") and API_KEY not in outputs[0]
+    )
+    assert outputs[1] == "error: tool 'calculator' is not available to this actor"
+    assert ex.last_result is not None and ex.last_result.text == "sorry"
+    tool_messages = [
+        msg for msg in _requests(openai_server, m)[1]["messages"] if msg["role"] == "tool"
+    ]
+    assert [t["content"] for t in tool_messages] == outputs

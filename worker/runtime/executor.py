@@ -31,7 +31,7 @@ from producer.config import (
 from producer.errors import ActorqError
 from producer.schema import ActorResult
 
-from ..errors import LimitExceeded, ProviderError
+from ..errors import ActorError, LimitExceeded, ProviderError
 from .providers import build_chat_model, provider_error
 from .run import Run, RunEvent
 from .scrub import scrub, secret_values
@@ -175,7 +175,9 @@ class Executor:
             self.last_result = run.result("cancelled")
             raise
         except Exception as exc:
-            err = provider_error(exc, self._secrets)
+            # Provider failures are classified where the model is called; anything
+            # else escaping here is the runtime's own failure, not the provider's.
+            err = ActorError(self.scrub(f"{type(exc).__name__}: {exc}"))
             self.last_result = run.result("error", str(err))
             raise err from None
         finally:
