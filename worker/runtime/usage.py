@@ -102,7 +102,7 @@ ENCODINGS: dict[str, EncodingSpec] = {
 }
 _DEFAULT_ENCODING = "cl100k_base"
 _MODEL_ENCODINGS: dict[str, str] = {}
-_loaded: dict[tuple[str, str], Any] = {}
+_loaded: dict[tuple[str, str, str], Any] = {}
 _lock = threading.Lock()
 
 
@@ -137,8 +137,9 @@ def encoding_name(model: str) -> str:
     Models tiktoken does not know (self-hosted ones) get ``cl100k_base``: an
     approximation, but far closer than characters / 4.
     """
-    if model in _MODEL_ENCODINGS:
-        return _MODEL_ENCODINGS[model]
+    registered = _MODEL_ENCODINGS.get(model)
+    if registered in ENCODINGS:
+        return registered
     from tiktoken.model import encoding_name_for_model
 
     try:
@@ -190,10 +191,10 @@ def tiktoken_encoding(model: str) -> Any | None:
     again next time (it may be fetched meanwhile).
     """
     spec = ENCODINGS[encoding_name(model)]
-    key = (spec.name, encoding_cache_dir())
+    key = (spec.name, spec.sha256, encoding_cache_dir())
     enc = _loaded.get(key)
     if enc is None:
-        enc = _load(spec, key[1])
+        enc = _load(spec, key[2])
         if enc is not None:
             with _lock:
                 _loaded[key] = enc
