@@ -324,3 +324,20 @@ def test_a_failing_tool_is_reported_to_the_model_not_raised(openai_server: FakeO
         msg for msg in _requests(openai_server, m)[1]["messages"] if msg["role"] == "tool"
     ]
     assert [t["content"] for t in tool_messages] == outputs
+
+
+def test_graph_tokens_are_live_too(openai_server: FakeOpenAI) -> None:
+    """LangGraph's custom stream hands tokens over as the node's model produces them."""
+    d = openai_server.script(model("draft"), Reply(text="a b c d e", chunk_delay_s=0.25))
+    r = openai_server.script(model("review"), Reply(text="ok"))
+    ex = create_executor(review_graph(d, r), creds(openai_server))
+    completed_at_first: list[bool] = []
+
+    async def consume() -> None:
+        async for event in ex.events("go"):
+            if event.type == "token" and not completed_at_first:
+                completed_at_first.append(d in openai_server.completed)
+
+    run(consume())
+    assert completed_at_first == [False]
+    assert d in openai_server.completed
