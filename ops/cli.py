@@ -32,6 +32,21 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tiktoken_fetch(args: argparse.Namespace) -> int:
+    from worker.runtime.usage import EncodingFetchError, fetch_encodings
+
+    try:
+        paths = fetch_encodings(
+            args.encoding or None, base_url=args.base_url, cache_dir=args.cache_dir
+        )
+    except (EncodingFetchError, OSError) as exc:
+        print(f"actorq tiktoken-fetch: {exc}", file=sys.stderr)
+        return 1
+    for path in paths:
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actorq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("keygen", help="print a new ACTORQ_SECRET_KEY")
     p.set_defaults(func=_cmd_keygen)
+
+    p = sub.add_parser(
+        "tiktoken-fetch",
+        help="download tiktoken encodings into TIKTOKEN_CACHE_DIR (for images built with network)",
+    )
+    p.add_argument("--encoding", action="append", help="cl100k_base, o200k_base (default: both)")
+    p.add_argument("--base-url", help="a mirror serving the same file names")
+    p.add_argument("--cache-dir", help="default: TIKTOKEN_CACHE_DIR, as tiktoken reads it")
+    p.set_defaults(func=_cmd_tiktoken_fetch)
     return parser
 
 

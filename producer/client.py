@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from . import keys, scripts
-from .config import parse_config, parse_credentials, parse_limits, parse_pricing
+from .config import check_budget, parse_config, parse_credentials, parse_limits, parse_pricing
 from .crypto import encrypt_credentials
 from .errors import ConfigError, InvalidInput, JobNotFound, JobTimeout
 from .schema import (
@@ -201,6 +201,7 @@ class Client:
         parsed = parse_config(json.loads(config_json))
         parsed_limits = parse_limits(limits)
         parsed_pricing = parse_pricing(pricing)
+        check_budget(parsed, parsed_limits, parsed_pricing)
         creds = parse_credentials(credentials)
         payload = {
             "v": SCHEMA_VERSION,

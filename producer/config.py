@@ -25,6 +25,7 @@ from pydantic import (
 from .errors import ConfigError, CredentialsError, InvalidInput
 
 __all__ = [
+    "GRAPH_END",
     "PROVIDERS",
     "ActorConfig",
     "AgentConfig",
@@ -34,6 +35,7 @@ __all__ = [
     "Limits",
     "ModelPrice",
     "ScriptedTurn",
+    "check_budget",
     "parse_config",
     "parse_credentials",
     "parse_limits",
@@ -89,9 +91,21 @@ class AgentConfig(LLMConfig):
     max_iterations: int = Field(default=8, ge=1, le=100)
 
 
+GRAPH_END = "__end__"
+_RESERVED_NODES = frozenset({GRAPH_END, "__start__"})
+
+
 class GraphEdge(_Strict):
+    """``from`` -> ``to`` (a node or ``"__end__"``), taken when ``when`` is absent or matches.
+
+    A node's edges are tried in order after it ran: the first whose ``when`` text
+    occurs in the node's output (case-insensitive), or that has no ``when``, is
+    followed; when none matches the graph ends.
+    """
+
     source: str = Field(alias="from", min_length=1)
     target: str = Field(alias="to", min_length=1)
+    when: str | None = Field(default=None, min_length=1, max_length=1000)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -100,7 +114,12 @@ NodeConfig = Annotated[LLMConfig | AgentConfig, Field(discriminator="type")]
 
 
 class GraphConfig(_Strict):
-    """A LangGraph StateGraph of llm / agent nodes."""
+    """A LangGraph StateGraph of llm / agent nodes.
+
+    ``max_visits`` caps how many times any one node runs in one execution; it is
+    required when the edges form a cycle, and a route to a node that has used
+    its visits ends the graph (finish reason ``max_visits``).
+    """
 
     type: Literal["graph"]
     name: str = Field(default="graph", pattern=_NAME)
@@ -125,12 +144,24 @@ def _check_graph(graph: GraphConfig) -> None:
     for name in graph.nodes:
         if not re.fullmatch(_NAME, name):
             raise ConfigError(f"config.nodes.{name[:64]}", f"node name must match {_NAME}")
+        if name in _RESERVED_NODES:
+            raise ConfigError(f"config.nodes.{name}", f"{name!r} is a reserved name")
     if graph.entry not in graph.nodes:
         raise ConfigError("config.entry", f"entry {graph.entry!r} is not a node")
+    catch_all: dict[str, int] = {}
     for i, edge in enumerate(graph.edges):
-        for end in (edge.source, edge.target):
-            if end not in graph.nodes:
-                raise ConfigError(f"config.edges.{i}", f"unknown node {end!r}")
+        if edge.source not in graph.nodes:
+            raise ConfigError(f"config.edges.{i}.from", f"unknown node {edge.source!r}")
+        if edge.target not in graph.nodes and edge.target != GRAPH_END:
+            raise ConfigError(f"config.edges.{i}.to", f"unknown node {edge.target!r}")
+        if edge.source in catch_all:
+            raise ConfigError(
+                f"config.edges.{i}",
+                f"unreachable: edge {catch_all[edge.source]} from {edge.source!r} has no "
+                "'when' and is always taken first",
+            )
+        if edge.when is None:
+            catch_all[edge.source] = i
     if graph.max_visits is None and _has_cycle(graph.nodes, graph.edges):
         raise ConfigError("config.max_visits", "graph has a cycle: set max_visits to bound it")
 
@@ -138,7 +169,8 @@ def _check_graph(graph: GraphConfig) -> None:
 def _has_cycle(nodes: Mapping[str, Any], edges: list[GraphEdge]) -> bool:
     succ: dict[str, list[str]] = {n: [] for n in nodes}
     for e in edges:
-        succ[e.source].append(e.target)
+        if e.target != GRAPH_END:
+            succ[e.source].append(e.target)
     state: dict[str, int] = {}
 
     def visit(n: str) -> bool:
@@ -244,6 +276,24 @@ def parse_pricing(pricing: object) -> dict[str, ModelPrice]:
         return _PRICING.validate_python(dict(pricing))
     except ValidationError as exc:
         raise InvalidInput(*_first_error(exc, "pricing")) from None
+
+
+def check_budget(
+    config: LLMConfig | GraphConfig, limits: Limits, pricing: Mapping[str, ModelPrice]
+) -> None:
+    """A cost budget needs a price for every model the actor runs (unknown cost is not 0)."""
+    if limits.max_cost_usd is None:
+        return
+    models = (
+        [n.model for n in config.nodes.values()]
+        if isinstance(config, GraphConfig)
+        else [config.model]
+    )
+    for model in models:
+        if model not in pricing:
+            raise InvalidInput(
+                "pricing", f"limits.max_cost_usd needs a price for every model; {model!r} has none"
+            )
 
 
 def parse_credentials(credentials: object) -> dict[str, dict[str, str]]:

@@ -216,6 +216,7 @@ class _Handler(BaseHTTPRequestHandler):
                 )
             self._send_chunk(b"data: [DONE]\n\n")
             self._send_chunk(b"")
+            self.server.fake._completed(model)
         except (BrokenPipeError, ConnectionResetError):
             self.server.fake._closed_early(model)
             self.close_connection = True
@@ -257,6 +258,7 @@ class FakeOpenAI:
         self._calls: dict[str, int] = {}
         self.requests: list[Recorded] = []
         self.closed_early: list[str] = []
+        self.completed: list[str] = []  # models whose streamed body was sent to its end
         self._server: _Server | None = None
 
     def start(self) -> FakeOpenAI:
@@ -295,6 +297,10 @@ class FakeOpenAI:
     def _closed_early(self, model: str) -> None:
         with self._lock:
             self.closed_early.append(model)
+
+    def _completed(self, model: str) -> None:
+        with self._lock:
+            self.completed.append(model)
 
     def _next_reply(self, model: str) -> Reply:
         with self._lock:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from producer.errors import ActorqError, ConfigError, CredentialsError
+from producer.errors import ActorqError, ConfigError, CredentialsError, InvalidInput
 
 __all__ = [
     "ActorError",
     "Cancelled",
     "ConfigError",
     "CredentialsError",
+    "InvalidInput",
     "LimitExceeded",
+    "ProviderAuthError",
     "ProviderError",
 ]
 
@@ -25,6 +27,10 @@ class ProviderError(ActorError):
         self.retryable = retryable
         self.status_code = status_code
         super().__init__(message)
+
+
+class ProviderAuthError(ProviderError):
+    """The provider rejected the credentials (401 / 403); never retryable."""
 
 
 class LimitExceeded(ActorError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
@@ -11,6 +11,7 @@ from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 from producer.config import AgentConfig, GraphConfig, LLMConfig
 
 from ..errors import ConfigError
+from .providers import check_credentials
 from .run import Run, RunEvent
 from .tools import get_tool, tool_names
 
@@ -22,13 +23,17 @@ __all__ = ["check", "drive"]
 _TOOL_OUTPUT_MAX = 4000
 
 
-def check(config: LLMConfig | AgentConfig | GraphConfig) -> None:
-    """Build-time checks that need the worker's registry."""
+def check(
+    config: LLMConfig | AgentConfig | GraphConfig, credentials: Mapping[str, Mapping[str, str]]
+) -> None:
+    """Build-time checks that need the worker's registry or the credentials."""
     if isinstance(config, GraphConfig):
         for name, node in config.nodes.items():
             _check_tools(node, f"config.nodes.{name}.tools")
+            check_credentials(node, credentials)
     else:
         _check_tools(config, "config.tools")
+        check_credentials(config, credentials)
 
 
 def _check_tools(cfg: LLMConfig, field: str) -> None:

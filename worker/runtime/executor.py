@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -22,11 +22,13 @@ from producer.config import (
     Limits,
     LLMConfig,
     ModelPrice,
+    check_budget,
     parse_config,
     parse_credentials,
     parse_limits,
     parse_pricing,
 )
+from producer.errors import ActorqError
 from producer.schema import ActorResult
 
 from ..errors import ActorError, LimitExceeded, ProviderError
@@ -77,6 +79,7 @@ class Executor:
         self._credentials = credentials
         self._secrets = secret_values(credentials)
         self.last_result: ActorResult | None = None
+        self._graph: Any = None
 
     @property
     def name(self) -> str:
@@ -86,7 +89,19 @@ class Executor:
         """Fail at build time on what can be known before running (tools, graph shape)."""
         from . import actors
 
-        actors.check(self.config)
+        actors.check(self.config, self._credentials)
+        check_budget(self.config, self.limits, self.pricing)
+        if isinstance(self.config, GraphConfig):
+            self.compiled_graph()
+
+    def compiled_graph(self) -> Any:
+        """The LangGraph graph of a ``graph`` actor, compiled once per executor."""
+        if self._graph is None:
+            from .graph import build_graph
+
+            assert isinstance(self.config, GraphConfig)
+            self._graph = build_graph(self, self.config)
+        return self._graph
 
     def scrub(self, text: str) -> str:
         return scrub(text, self._secrets)
@@ -101,12 +116,17 @@ class Executor:
         return self.last_result
 
     async def execute_stream(self, message: str) -> AsyncIterator[str]:
-        """Yield text tokens as the model produces them; ``last_result`` holds the result."""
-        async for event in self.events(message):
-            if event.type == "token":
-                yield event.text
+        """Yield text tokens as the model produces them; ``last_result`` holds the result.
 
-    async def events(self, message: str) -> AsyncIterator[RunEvent]:
+        Close the iterator when stopping early (``contextlib.aclosing``) so the
+        provider stream is closed and ``last_result`` is set at once.
+        """
+        async with contextlib.aclosing(self.events(message)) as events:
+            async for event in events:
+                if event.type == "token":
+                    yield event.text
+
+    async def events(self, message: str) -> AsyncGenerator[RunEvent, None]:
         """Every event of one execution, with ``timeout_ms`` and the stall guard enforced."""
         if not isinstance(message, str):
             raise TypeError(f"message must be a str, not {type(message).__name__}")
@@ -122,6 +142,10 @@ class Executor:
         try:
             while True:
                 budget = None if deadline is None else deadline - loop.time()
+                if budget is not None and budget <= 0:
+                    # Checked before awaiting: buffered events arrive without a
+                    # suspension, so an expired timeout would never fire (slow consumer).
+                    raise LimitExceeded("timeout_ms", f"ran longer than {timeout} ms")
                 step = budget
                 if stall is not None:
                     step = stall / 1000 if step is None else min(step, stall / 1000)
@@ -138,22 +162,22 @@ class Executor:
                     raise LimitExceeded(
                         "stall_timeout_ms", f"model sent nothing for {stall} ms"
                     ) from None
-                if event.type == "token":
-                    run.on_token(event.text)
                 yield event
             self.last_result = run.result()
         except LimitExceeded as exc:
             reason = "timeout" if exc.timed_out else "limit"
             self.last_result = run.result(reason, str(exc))
             raise
-        except ActorError as exc:
+        except ActorqError as exc:  # typed already (provider, credentials, ...): keep it
             self.last_result = run.result("error", self.scrub(str(exc)))
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self.last_result = run.result("cancelled")
             raise
         except Exception as exc:
-            err = provider_error(exc, self._secrets)
+            # Provider failures are classified where the model is called; anything
+            # else escaping here is the runtime's own failure, not the provider's.
+            err = ActorError(self.scrub(f"{type(exc).__name__}: {exc}"))
             self.last_result = run.result("error", str(err))
             raise err from None
         finally:
@@ -182,7 +206,8 @@ class Executor:
         reply: list[AIMessage],
     ) -> AsyncIterator[RunEvent]:
         """One model call through ``astream``: yield tokens, append the full reply to ``reply``."""
-        run.begin_model_call(node, cfg.provider, cfg.model)
+        prompt = _prompt_text(messages)
+        run.begin_model_call(node, cfg.provider, cfg.model, prompt)
         parts: list[str] = []
         usage: Any = None
         tool_chunks: list[Any] = []
@@ -190,16 +215,15 @@ class Executor:
         try:
             async for chunk in model.astream(messages):
                 text = chunk.content
-                if isinstance(text, str):
-                    if text:
-                        parts.append(text)
-                        yield RunEvent("token", text, node)
-                elif text:  # content blocks
-                    for block in text:
-                        t = block.get("text") if isinstance(block, dict) else None
-                        if t:
-                            parts.append(t)
-                            yield RunEvent("token", t, node)
+                pieces = [text] if isinstance(text, str) else _block_texts(text)
+                for piece in pieces:
+                    if piece:
+                        parts.append(piece)
+                        run.on_token(piece)
+                        yield RunEvent("token", piece, node)
+                        # After the yield: the token that passes the budget is still
+                        # published, so the stream and the partial result agree.
+                        run.check_cost()
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
                 if chunk.tool_call_chunks:
@@ -218,7 +242,7 @@ class Executor:
         except Exception as exc:
             raise provider_error(exc, self._secrets) from None
         output = "".join(parts)
-        run.end_model_call(usage, _prompt_text(messages), output)
+        run.end_model_call(usage, output)
         tool_calls: list[Any] = []
         if tool_chunks:
             merged = tool_chunks[0]
@@ -228,6 +252,10 @@ class Executor:
         if finish == "length":
             run.finish_reason = "length"
         reply.append(AIMessage(content=output, tool_calls=tool_calls))
+
+
+def _block_texts(content: list[Any]) -> list[str]:
+    return [b.get("text") or "" for b in content if isinstance(b, dict)]
 
 
 def _prompt_text(messages: list[BaseMessage]) -> str:

@@ -2,17 +2,52 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import Mapping
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 
 from producer.config import LLMConfig
 
-from ..errors import CredentialsError, ProviderError
+from ..errors import CredentialsError, ProviderAuthError, ProviderError
 from .scripted import ScriptedChatModel
 from .scrub import scrub
 
-__all__ = ["build_chat_model", "provider_error"]
+__all__ = ["build_chat_model", "check_credentials", "provider_error"]
+
+
+def check_credentials(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]]) -> None:
+    """Raise :class:`CredentialsError` when a node cannot authenticate (checked at build time)."""
+    if cfg.provider == "openai":
+        creds = credentials.get("openai", {})
+        if not creds.get("api_key") and not (creds.get("base_url") or cfg.base_url):
+            raise CredentialsError(
+                "credentials.openai.api_key", "required for provider openai without a base_url"
+            )
+
+
+# One HTTP connection pool per event loop. langchain-openai's default async client
+# is cached for the process and bound to the first loop that used it, which
+# breaks every later loop (``asyncio.run`` per call, tests); the worker runs one
+# shared loop, so this is one pool per worker process there.
+_http_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Any] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _http_client() -> Any:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None  # built outside a loop: langchain-openai's default applies
+    client = _http_clients.get(loop)
+    if client is None:
+        import openai
+
+        client = _http_clients[loop] = openai.DefaultAsyncHttpxClient()
+    return client
 
 
 def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]]) -> BaseChatModel:
@@ -44,6 +79,7 @@ def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]
         temperature=cfg.temperature,
         max_completion_tokens=cfg.max_tokens,
         stream_usage=True,
+        http_async_client=_http_client(),
         max_retries=0,  # retries are the job runner's, with resets and backoff
         timeout=60,
     )
@@ -58,6 +94,8 @@ def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
         import openai
     except ImportError:  # pragma: no cover - worker extra always has them
         return ProviderError(text, retryable=False, status_code=status)
+    if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
+        return ProviderAuthError(text, retryable=False, status_code=exc.status_code)
     if isinstance(exc, openai.APIStatusError):
         retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code == 408
         return ProviderError(text, retryable=retryable, status_code=exc.status_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from producer.config import Limits, ModelPrice
 from producer.schema import ActorResult, NodeUsage
 
 from ..errors import LimitExceeded
-from .usage import cost_usd, count_tokens
+from .usage import cost_usd, count_tokens, warn_heuristic
 
 __all__ = ["Run", "RunEvent"]
 
@@ -54,34 +55,44 @@ class _NodeAcc:
 
 
 class Run:
-    """State of one ``execute`` / ``execute_stream`` call."""
+    """State of one ``execute`` / ``execute_stream`` call.
+
+    The result's ``text`` is the final answer: the output of the last model
+    call (for a graph, the last node's answer; for an agent, the reply after
+    its tools). The stream carries every token of every call.
+    """
 
     def __init__(self, limits: Limits, pricing: Mapping[str, ModelPrice]) -> None:
         self.limits = limits
         self.pricing = pricing
         self.started = time.monotonic()
         self.first_token_at: float | None = None
-        self.parts: list[str] = []
+        self.final_text = ""
         self.nodes: dict[str, _NodeAcc] = {}
         self.model_calls = 0
         self.tool_calls = 0
         self.finish_reason = "stop"
-        # Running output-token estimate of the call in flight, for max_cost_usd.
+        # The call in flight: its node, prompt, text so far and estimated input
+        # tokens, so max_cost_usd can stop it mid-stream and a stopped call is counted.
         self._inflight_node: _NodeAcc | None = None
-        self._inflight_tokens = 0
+        self._inflight_prompt = ""
+        self._inflight_parts: list[str] = []
+        self._inflight_input = 0
 
     # -- counters ----------------------------------------------------------------
 
     def on_token(self, text: str) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.monotonic()
-        self.parts.append(text)
         if self._inflight_node is not None:
-            self._inflight_tokens += 1
-            if self.limits.max_cost_usd is not None:
-                self._check_cost()
+            self._inflight_parts.append(text)
 
-    def begin_model_call(self, node: str, provider: str, model: str) -> None:
+    def check_cost(self) -> None:
+        """Raise ``LimitExceeded`` once the running cost (finished calls + the one in flight) passes the budget."""
+        if self.limits.max_cost_usd is not None:
+            self._check_cost()
+
+    def begin_model_call(self, node: str, provider: str, model: str, prompt_text: str) -> None:
         limit = self.limits.max_model_calls
         if limit is not None and self.model_calls >= limit:
             raise LimitExceeded("max_model_calls", f"{limit} model calls already made")
@@ -91,7 +102,12 @@ class Run:
             acc = self.nodes[node] = _NodeAcc(node, provider, model)
         acc.model_calls += 1
         self._inflight_node = acc
-        self._inflight_tokens = 0
+        self._inflight_prompt = prompt_text
+        self._inflight_parts = []
+        self._inflight_input = 0
+        if self.limits.max_cost_usd is not None and model in self.pricing:
+            self._inflight_input = count_tokens(prompt_text, model)[0]
+            self._check_cost()
 
     def begin_tool_call(self, name: str) -> None:
         limit = self.limits.max_tool_calls
@@ -100,33 +116,25 @@ class Run:
         self.tool_calls += 1
 
     def end_model_call(
-        self,
-        usage: Mapping[str, Any] | None,
-        prompt_text: str,
-        output_text: str,
-        *,
-        check: bool = True,
+        self, usage: Mapping[str, Any] | None, output_text: str, *, check: bool = True
     ) -> None:
         """Record the finished call's usage: the provider's, else counted, else estimated."""
         acc = self._inflight_node
         if acc is None:
             return
         self._inflight_node = None
+        chunks = len(self._inflight_parts)
+        self.final_text = output_text
         if usage and usage.get("input_tokens") is not None:
             n_in, n_out = int(usage["input_tokens"]), int(usage.get("output_tokens") or 0)
             acc.sources.add("provider")
         else:
-            n_in, src_in = count_tokens(prompt_text, acc.model)
+            n_in, source = count_tokens(self._inflight_prompt, acc.model)
             n_out, _ = count_tokens(output_text, acc.model)
-            acc.sources.add(src_in)
-            if src_in == "heuristic":
-                import logging
-
-                logging.getLogger("actorq.usage").warning(
-                    "no provider usage and no offline tiktoken file for %s: "
-                    "estimating tokens as characters / 4",
-                    acc.model,
-                )
+            acc.sources.add(source)
+            if source == "heuristic":
+                n_out = max(n_out, chunks)
+                warn_heuristic(acc.model)
         acc.input_tokens += n_in
         acc.output_tokens += n_out
         call_cost = cost_usd(self.pricing.get(acc.model), n_in, n_out)
@@ -140,13 +148,14 @@ class Run:
         total = self.cost() or Decimal(0)
         acc = self._inflight_node
         if acc is not None:
-            price = self.pricing.get(acc.model)
-            if price is not None:
-                total += price.output * self._inflight_tokens / Decimal(1_000_000)
+            # Estimate the call in flight: its prompt, and at least one token per chunk so far.
+            out = max(len(self._inflight_parts), math.ceil(sum(map(len, self._inflight_parts)) / 4))
+            total += cost_usd(self.pricing.get(acc.model), self._inflight_input, out) or Decimal(0)
         if total > limit:
             raise LimitExceeded("max_cost_usd", f"running cost {total:.6f} > {limit}")
 
     def cost(self) -> Decimal | None:
+        """Total cost; ``None`` if any node's model has no price (unknown is not free)."""
         total = Decimal(0)
         if not self.nodes:
             return None
@@ -160,13 +169,12 @@ class Run:
 
     def result(self, finish_reason: str | None = None, error: str | None = None) -> ActorResult:
         if self._inflight_node is not None:
-            # Stopped mid-call: count what was produced so far.
-            partial = "".join(self.parts[-self._inflight_tokens :]) if self._inflight_tokens else ""
-            self.end_model_call(None, "", partial, check=False)
+            # Stopped mid-call: count what was sent and produced so far.
+            self.end_model_call(None, "".join(self._inflight_parts), check=False)
         nodes = [a.usage() for a in self.nodes.values()]
         now = time.monotonic()
         return ActorResult(
-            text="".join(self.parts),
+            text=self.final_text,
             nodes=nodes,
             input_tokens=sum(n.input_tokens for n in nodes),
             output_tokens=sum(n.output_tokens for n in nodes),

@@ -50,7 +50,11 @@ class ScriptedChatModel(BaseChatModel):
 
     def _turn(self, messages: list[BaseMessage]) -> dict[str, Any]:
         if self.script:
-            done = sum(1 for m in messages if isinstance(m, AIMessage))
+            done = 0  # this turn's own replies so far (graph nodes' answers are named)
+            for m in reversed(messages):
+                if isinstance(m, HumanMessage) or (isinstance(m, AIMessage) and m.name):
+                    break
+                done += isinstance(m, AIMessage)
             return self.script[min(done, len(self.script) - 1)]
         if self.reply is not None:
             return {"text": self.reply}

@@ -1,0 +1,227 @@
+"""Limits of the actor runtime: each stops the run with a typed LimitExceeded and a partial result."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from producer import InvalidInput
+from tests.openai_server import FakeOpenAI, Reply, ToolCall
+from tests.runtime_support import creds, llm, model, review_graph, run, wait_for
+from worker import (
+    Executor,
+    LimitExceeded,
+    create_executor,
+)
+
+# -- limits ------------------------------------------------------------------------
+
+
+def _limited(
+    server: FakeOpenAI, reply: Reply, limits: dict[str, Any], **kw: Any
+) -> tuple[Executor, str]:
+    m = server.script(model("limit"), reply)
+    return create_executor(llm(m), creds(server), limits, **kw), m
+
+
+def test_timeout_ms_covers_the_stream(openai_server: FakeOpenAI) -> None:
+    words = " ".join(f"w{i}" for i in range(20))
+    ex, m = _limited(openai_server, Reply(text=words, chunk_delay_s=0.1), {"timeout_ms": 600})
+    got: list[str] = []
+
+    async def consume() -> None:
+        async for token in ex.execute_stream("go"):
+            got.append(token)
+
+    with pytest.raises(LimitExceeded) as info:
+        run(consume())
+    assert info.value.limit == "timeout_ms" and info.value.timed_out
+    assert "timeout_ms" in str(info.value)
+    result = ex.last_result
+    assert result is not None and result.finish_reason == "timeout"
+    assert 0 < len(got) < 20 and result.text == "".join(got)  # partial, as far as it came
+    assert result.output_tokens == len(got) and result.model_calls == 1
+    assert result.nodes[0].usage_source == "heuristic"  # cut before the usage chunk
+    wait_for(lambda: m in openai_server.closed_early)
+
+
+def test_timeout_ms_counts_a_slow_consumer(openai_server: FakeOpenAI) -> None:
+    ex, _ = _limited(openai_server, Reply(text="a b c d e f g h"), {"timeout_ms": 500})
+
+    async def slow() -> None:
+        async for _ in ex.execute_stream("go"):
+            await asyncio.sleep(0.2)
+
+    with pytest.raises(LimitExceeded) as info:
+        run(slow())
+    assert info.value.limit == "timeout_ms"
+
+
+def test_stall_timeout(openai_server: FakeOpenAI) -> None:
+    ex, _ = _limited(
+        openai_server, Reply(text="late", first_delay_s=2.0), {"stall_timeout_ms": 300}
+    )
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("go"))
+    assert info.value.limit == "stall_timeout_ms" and info.value.timed_out
+    assert ex.last_result is not None and ex.last_result.finish_reason == "timeout"
+
+
+def _tool_loop(server: FakeOpenAI, limits: dict[str, Any], calls: int = 1) -> Executor:
+    m = server.script(
+        model("loop"),
+        Reply(
+            text="", tool_calls=tuple(ToolCall("word_count", {"text": "a b"}) for _ in range(calls))
+        ),
+        Reply(text="", tool_calls=(ToolCall("word_count", {"text": "a b c"}),)),
+        Reply(text="done"),
+    )
+    return create_executor(
+        {**llm(m), "type": "agent", "tools": ["word_count"]}, creds(server), limits
+    )
+
+
+def test_max_model_calls(openai_server: FakeOpenAI) -> None:
+    ex = _tool_loop(openai_server, {"max_model_calls": 2})
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("count"))
+    assert info.value.limit == "max_model_calls" and not info.value.timed_out
+    result = ex.last_result
+    assert result is not None and result.finish_reason == "limit"
+    assert (result.model_calls, result.tool_calls) == (2, 2)
+    assert "max_model_calls" in (result.error or "")
+
+
+def test_max_tool_calls(openai_server: FakeOpenAI) -> None:
+    ex = _tool_loop(openai_server, {"max_tool_calls": 1}, calls=2)
+    events: list[Any] = []
+
+    async def consume() -> None:
+        async for e in ex.events("count"):
+            events.append(e)
+
+    with pytest.raises(LimitExceeded) as info:
+        run(consume())
+    assert info.value.limit == "max_tool_calls"
+    assert [e.type for e in events].count("tool_result") == 1
+    result = ex.last_result
+    assert result is not None and (result.model_calls, result.tool_calls) == (1, 1)
+
+
+def test_max_cost_usd_stops_mid_stream(openai_server: FakeOpenAI) -> None:
+    words = " ".join(f"w{i}" for i in range(30))
+    m = openai_server.script(model("costly"), Reply(text=words, chunk_delay_s=0.05))
+    price = {m: {"input": "0", "output": "1000000"}}  # 1 USD per output token
+    ex = create_executor(llm(m), creds(openai_server), {"max_cost_usd": "2.5"}, price)
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("go"))
+    assert info.value.limit == "max_cost_usd"
+    result = ex.last_result
+    assert result is not None and result.finish_reason == "limit"
+    assert result.text == "w0 w1 w2"  # stopped at the token that passed the budget
+    assert result.cost_usd is not None and result.cost_usd > Decimal("2.5")
+    wait_for(lambda: m in openai_server.closed_early)
+
+
+def test_max_cost_usd_counts_the_prompt_and_finished_calls(openai_server: FakeOpenAI) -> None:
+    m = openai_server.script(
+        model("budget"), Reply(text="", tool_calls=(ToolCall("word_count", {"text": "x"}),))
+    )
+    ex = create_executor(
+        {**llm(m), "type": "agent", "tools": ["word_count"]},
+        creds(openai_server),
+        {"max_cost_usd": "0.00003"},
+        {m: {"input": "1", "output": "1"}},  # 1 USD per million tokens
+    )
+    # 20 prompt words: the first call (about 20 tokens) fits, the second one's prompt does not.
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute(" ".join(["word"] * 20)))
+    assert info.value.limit == "max_cost_usd"
+    result = ex.last_result
+    assert result is not None and result.model_calls == 2 and result.tool_calls == 1
+    assert len(openai_server.calls(m)) == 1  # the over-budget call never went out
+
+
+def test_a_budget_needs_a_price_for_every_model(openai_server: FakeOpenAI) -> None:
+    with pytest.raises(InvalidInput) as info:
+        create_executor(llm("unpriced"), creds(openai_server), {"max_cost_usd": 1})
+    assert info.value.field == "pricing" and "unpriced" in str(info.value)
+
+
+def test_limits_stop_a_graph_inside_its_nodes(openai_server: FakeOpenAI) -> None:
+    d = openai_server.script(model("draft"), Reply(text="quick draft"))
+    r = openai_server.script(model("review"), Reply(text="a b c d e f g h i j", chunk_delay_s=0.2))
+    ex = create_executor(review_graph(d, r), creds(openai_server), {"max_model_calls": 1})
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("go"))
+    assert info.value.limit == "max_model_calls"
+    assert ex.last_result is not None and ex.last_result.text == "quick draft"
+    assert [n.node for n in ex.last_result.nodes] == ["draft"]
+
+    ex = create_executor(review_graph(d, r), creds(openai_server), {"timeout_ms": 800})
+    events: list[Any] = []
+
+    async def consume() -> None:
+        async for e in ex.events("go"):
+            events.append(e)
+
+    with pytest.raises(LimitExceeded) as info:
+        run(consume())
+    assert info.value.limit == "timeout_ms"
+    partial = [e.text for e in events if e.type == "token" and e.node == "review"]
+    assert 0 < len(partial) < 10
+    assert ex.last_result is not None and ex.last_result.text == "".join(partial)
+    wait_for(lambda: r in openai_server.closed_early)
+
+
+# -- cancellation --------------------------------------------------------------------
+
+
+def test_cancelling_an_execution_closes_the_stream_and_keeps_the_partial_result(
+    openai_server: FakeOpenAI,
+) -> None:
+    m = openai_server.script(model("cancel"), Reply(text="a b c d e f g h", chunk_delay_s=0.2))
+    ex = create_executor(llm(m), creds(openai_server))
+
+    async def cancel_after_two() -> None:
+        got: list[str] = []
+
+        async def consume() -> None:
+            async for token in ex.execute_stream("go"):
+                got.append(token)
+
+        task = asyncio.create_task(consume())
+        while len(got) < 2:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run(cancel_after_two())
+    result = ex.last_result
+    assert result is not None and result.finish_reason == "cancelled"
+    assert result.text.startswith("a b") and result.model_calls == 1
+    wait_for(lambda: m in openai_server.closed_early)
+
+
+def test_leaving_execute_stream_early_closes_the_provider_stream(openai_server: FakeOpenAI) -> None:
+    m = openai_server.script(model("leave"), Reply(text="a b c d e f g h", chunk_delay_s=0.2))
+    ex = create_executor(llm(m), creds(openai_server))
+
+    async def first_two() -> list[str]:
+        got: list[str] = []
+        async with contextlib.aclosing(ex.execute_stream("go")) as tokens:
+            async for token in tokens:
+                got.append(token)
+                if len(got) == 2:
+                    break
+        return got
+
+    assert run(first_two()) == ["a", " b"]
+    assert ex.last_result is not None and ex.last_result.finish_reason == "cancelled"
+    assert ex.last_result.text == "a b"
+    wait_for(lambda: m in openai_server.closed_early)
