@@ -188,6 +188,8 @@ class Client:
             config_json = json.dumps(dict(config), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ConfigError("config", f"must be JSON-serialisable ({exc})") from None
+        except RecursionError:
+            raise ConfigError("config", "nested too deeply to serialise") from None
         if len(config_json.encode()) > s.max_config_bytes:
             raise ConfigError("config", f"larger than {s.max_config_bytes} bytes")
         if not isinstance(message, str):
