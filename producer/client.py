@@ -94,6 +94,7 @@ class Client:
             app = Celery("actorq-producer")
             app.config_from_object(celeryconfig)
             app.conf.broker_url = self.settings.broker_url
+            app.conf.broker_use_ssl = self.settings.broker_ssl
             app.conf.task_default_queue = self.settings.queue
             self._celery = app
         return self._celery
