@@ -22,6 +22,12 @@ from producer.schema import SCHEMA_VERSION
 __all__ = ["JobPayload", "decode_message", "decode_payload"]
 
 
+def _short(value: object) -> str:
+    """A bounded repr for error texts: junk can be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def decode_message(args: object, kwargs: object) -> tuple[str, str | None]:
     """``(job_id, error)`` of a task message; ``error`` is why the job can't run, if any.
 
@@ -39,8 +45,7 @@ def decode_message(args: object, kwargs: object) -> tuple[str, str | None]:
     version = kwargs.get("v")
     if version != SCHEMA_VERSION or isinstance(version, bool):
         return job_id, (
-            f"message schema version {str(version)[:32]!r} is not supported "
-            f"(want {SCHEMA_VERSION})"
+            f"message schema version {_short(version)} is not supported (want {SCHEMA_VERSION})"
         )
     if len(args) > 2:
         return job_id, f"message has {len(args)} args (want job id and actor name)"
@@ -83,14 +88,11 @@ def decode_payload(raw: object, secret_keys: Sequence[str]) -> JobPayload:
         problem = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
         raise MessageDecodeError(f"job payload is not valid JSON ({problem})") from None
     if not isinstance(payload, dict):
-        raise MessageDecodeError(
-            f"job payload must be a JSON object, not {type(payload).__name__}"
-        )
+        raise MessageDecodeError(f"job payload must be a JSON object, not {type(payload).__name__}")
     version = payload.get("v")
     if version != SCHEMA_VERSION or isinstance(version, bool):
         raise MessageDecodeError(
-            f"job payload schema version {str(version)[:32]!r} is not supported "
-            f"(want {SCHEMA_VERSION})"
+            f"job payload schema version {_short(version)} is not supported (want {SCHEMA_VERSION})"
         )
     config = payload.get("config")
     if not isinstance(config, dict):
