@@ -90,9 +90,14 @@ class Garbage:
     def drained(self, timeout: float = 20.0) -> None:
         """The junk left the queue (consumed, and acked or rejected: not stuck unacked)."""
         deadline = time.monotonic() + timeout
-        while self.r.llen(self.queue) or self.r.hlen("unacked"):
+        while self.r.llen(self.queue) or self._unacked():
             assert time.monotonic() < deadline, "junk message stuck in the broker"
             time.sleep(0.05)
+
+    def _unacked(self) -> int:
+        """Unacked messages of this queue (the Redis transport keeps one hash for all queues)."""
+        entries = self.r.hvals("unacked")
+        return sum(1 for e in entries if json.loads(e)[-1] == self.queue)
 
     def log(self) -> str:
         assert self.worker.log_path is not None
