@@ -10,6 +10,8 @@ import os
 
 from kombu import Queue
 
+from producer.settings import broker_ssl_options
+
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
@@ -21,6 +23,9 @@ _redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 #: Broker: Redis by default (the same server as the streams); RabbitMQ with
 #: ``CELERY_BROKER_URL=amqp://...``. Streams and records always live in REDIS_URL.
 broker_url = os.environ.get("CELERY_BROKER_URL") or _redis_url
+#: TLS for a ``rediss://`` broker: the same ``ACTORQ_REDIS_SSL_*`` options as the
+#: stream store, verifying the server certificate by default.
+broker_use_ssl = broker_ssl_options(broker_url, os.environ)
 broker_connection_retry_on_startup = True
 #: Keep retrying a lost broker rather than exiting: in-flight jobs keep streaming.
 broker_connection_max_retries = None

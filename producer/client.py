@@ -94,6 +94,7 @@ class Client:
             app = Celery("actorq-producer")
             app.config_from_object(celeryconfig)
             app.conf.broker_url = self.settings.broker_url
+            app.conf.broker_use_ssl = self.settings.broker_ssl
             app.conf.task_default_queue = self.settings.queue
             self._celery = app
         return self._celery
@@ -188,6 +189,8 @@ class Client:
             config_json = json.dumps(dict(config), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ConfigError("config", f"must be JSON-serialisable ({exc})") from None
+        except RecursionError:
+            raise ConfigError("config", "nested too deeply to serialise") from None
         if len(config_json.encode()) > s.max_config_bytes:
             raise ConfigError("config", f"larger than {s.max_config_bytes} bytes")
         if not isinstance(message, str):

@@ -205,7 +205,9 @@ class ModelPrice(_Strict):
     output: Decimal = Field(ge=0, le=1_000_000)
 
 
+_MONEY_LIMITS = frozenset({"max_cost_usd"})
 _PRICING = TypeAdapter(dict[str, ModelPrice])
+_MAX_PRICED_MODELS = 256
 _CRED_FIELDS = frozenset({"api_key", "base_url", "organization"})
 
 
@@ -254,8 +256,14 @@ def parse_limits(limits: object) -> Limits:
     if not isinstance(limits, Mapping):
         raise InvalidInput("limits", f"must be a mapping, not {type(limits).__name__}")
     for key, value in limits.items():
-        if isinstance(value, bool) or (isinstance(value, float) and not math.isfinite(value)):
-            raise InvalidInput(f"limits.{key}", "must be a finite number")
+        if value is None or (key in _MONEY_LIMITS and isinstance(value, str)):
+            continue  # money is Decimal: a decimal string is exact, as in pricing
+        if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+            raise InvalidInput(
+                f"limits.{str(key)[:64]}", f"must be a number, not {type(value).__name__}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidInput(f"limits.{str(key)[:64]}", "must be a finite number")
     try:
         return Limits.model_validate(dict(limits))
     except ValidationError as exc:
@@ -267,7 +275,11 @@ def parse_pricing(pricing: object) -> dict[str, ModelPrice]:
         return {}
     if not isinstance(pricing, Mapping):
         raise InvalidInput("pricing", f"must be a mapping, not {type(pricing).__name__}")
+    if len(pricing) > _MAX_PRICED_MODELS:
+        raise InvalidInput("pricing", f"more than {_MAX_PRICED_MODELS} models")
     for model, price in pricing.items():
+        if not isinstance(model, str) or not 0 < len(model) <= 128:
+            raise InvalidInput("pricing", f"model names must be 1-128 character strings ({str(model)[:32]!r})")
         if isinstance(price, Mapping):
             for side, value in price.items():
                 if isinstance(value, bool):

@@ -39,10 +39,13 @@ def encrypt_credentials(credentials: dict[str, dict[str, str]], keys: Sequence[s
     return _fernet(keys).encrypt(json.dumps(credentials).encode()).decode()
 
 
-def decrypt_credentials(token: str, keys: Sequence[str]) -> dict[str, dict[str, str]]:
+def decrypt_credentials(token: object, keys: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Decrypt a stored credentials token; :class:`CredentialsError` when it isn't one of ours."""
+    if not isinstance(token, str):
+        raise CredentialsError("credentials", f"stored token must be a str, not {type(token).__name__}")
     try:
         data = json.loads(_fernet(keys).decrypt(token.encode()))
-    except (InvalidToken, ValueError, UnicodeError):
+    except (InvalidToken, ValueError, UnicodeError, RecursionError):
         raise CredentialsError(
             "credentials", "cannot decrypt (tampered, or encrypted with an unknown key)"
         ) from None

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["DEFAULT_REDIS_URL", "Settings"]
+__all__ = ["DEFAULT_REDIS_URL", "Settings", "broker_ssl_options", "redis_tls_options"]
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -24,6 +25,31 @@ def _int(env: dict[str, str], name: str, default: int) -> int:
     return value
 
 
+_TLS_VARS = (
+    ("ssl_ca_certs", "ACTORQ_REDIS_SSL_CA_CERTS"),
+    ("ssl_certfile", "ACTORQ_REDIS_SSL_CERTFILE"),
+    ("ssl_keyfile", "ACTORQ_REDIS_SSL_KEYFILE"),
+    ("ssl_cert_reqs", "ACTORQ_REDIS_SSL_CERT_REQS"),
+)
+
+
+def redis_tls_options(env: Mapping[str, str]) -> dict[str, Any]:
+    """redis-py TLS keyword arguments from ``ACTORQ_REDIS_SSL_*`` (used with ``rediss://``)."""
+    return {name: env[var] for name, var in _TLS_VARS if env.get(var)}
+
+
+def broker_ssl_options(broker_url: str, env: Mapping[str, str]) -> dict[str, Any] | None:
+    """Celery's ``broker_use_ssl`` for a ``rediss://`` broker, else ``None``.
+
+    The same options as the stream store, and the server certificate is verified
+    unless ``ACTORQ_REDIS_SSL_CERT_REQS`` says otherwise: kombu on its own would
+    connect to ``rediss://`` without verifying anything.
+    """
+    if not broker_url.lower().startswith("rediss://"):
+        return None
+    return {"ssl_cert_reqs": "required", **redis_tls_options(env)}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything both sides agree on. ``Settings.from_env()`` reads ``ACTORQ_*``."""
@@ -39,24 +65,16 @@ class Settings:
     lease_ttl_s: int = 15
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    broker_ssl: dict[str, Any] | None = field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         e = dict(os.environ if env is None else env)
         keys = tuple(k.strip() for k in e.get("ACTORQ_SECRET_KEY", "").split(",") if k.strip())
-        tls: dict[str, Any] = {
-            name: e[var]
-            for name, var in (
-                ("ssl_ca_certs", "ACTORQ_REDIS_SSL_CA_CERTS"),
-                ("ssl_certfile", "ACTORQ_REDIS_SSL_CERTFILE"),
-                ("ssl_keyfile", "ACTORQ_REDIS_SSL_KEYFILE"),
-                ("ssl_cert_reqs", "ACTORQ_REDIS_SSL_CERT_REQS"),
-            )
-            if e.get(var)
-        }
+        broker_url = e.get("CELERY_BROKER_URL") or e.get("REDIS_URL") or DEFAULT_REDIS_URL
         return cls(
             redis_url=e.get("REDIS_URL") or DEFAULT_REDIS_URL,
-            broker_url=e.get("CELERY_BROKER_URL") or e.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            broker_url=broker_url,
             queue=e.get("ACTORQ_QUEUE") or "actorq",
             retention_s=_int(e, "ACTORQ_RETENTION_S", 86_400),
             max_config_bytes=_int(e, "ACTORQ_MAX_CONFIG_BYTES", 64 * 1024),
@@ -65,5 +83,6 @@ class Settings:
             max_attempts=_int(e, "ACTORQ_MAX_ATTEMPTS", 3),
             lease_ttl_s=_int(e, "ACTORQ_LEASE_TTL_S", 15),
             secret_keys=keys,
-            redis_options=tls,
+            redis_options=redis_tls_options(e),
+            broker_ssl=broker_ssl_options(broker_url, e),
         )

@@ -15,7 +15,7 @@ from .jobs import JobRunner
 
 __all__ = ["app", "get_runner", "requeue"]
 
-app = Celery("actorq")
+app = Celery("actorq", task_cls="worker.strategy:GuardedTask")
 app.config_from_object(celeryconfig)
 app.conf.include = ["worker.tasks"]
 

@@ -8,7 +8,6 @@ a worker that lost its claim writes nothing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -24,12 +23,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys, scripts
-from producer.crypto import decrypt_credentials
 from producer.errors import ActorqError, MessageDecodeError
-from producer.schema import SCHEMA_VERSION, ActorResult, JobStatus
+from producer.schema import ActorResult, JobStatus
 from producer.settings import Settings
 
 from .errors import LimitExceeded, ProviderError
+from .message import decode_payload
 from .publisher import JobChannel, Publisher
 from .runtime.executor import Executor, RunEvent, create_executor
 from .runtime.scrub import scrub
@@ -141,33 +140,22 @@ class JobRunner:
 
     async def _load(self, job_id: str) -> tuple[Executor, str, list[str]]:
         raw = await self.redis.hget(keys.job_key(job_id), "payload")
-        if raw is None:
-            raise MessageDecodeError("job payload is missing (expired, or Redis lost it)")
+        job = decode_payload(raw, self.settings.secret_keys)
         try:
-            payload = json.loads(raw)
-            if not isinstance(payload, dict):
-                raise ValueError("not an object")
-        except ValueError as exc:
-            raise MessageDecodeError(f"job payload is not valid JSON ({exc})") from None
-        version = payload.get("v")
-        if version != SCHEMA_VERSION:
-            raise MessageDecodeError(
-                f"job payload schema version {version!r} is not supported (want {SCHEMA_VERSION})"
+            executor = create_executor(
+                job.config,
+                job.credentials,
+                job.limits,
+                job.pricing,
+                stall_timeout_ms=self.stall_timeout_ms,
             )
-        token = payload.get("credentials")
-        creds = decrypt_credentials(token, self.settings.secret_keys) if token else {}
-        secrets = [v for f in creds.values() for k, v in f.items() if k != "base_url"]
-        message = payload.get("message")
-        if not isinstance(message, str):
-            raise MessageDecodeError("job payload: message must be a string")
-        executor = create_executor(
-            payload.get("config"),  # type: ignore[arg-type]
-            creds,
-            payload.get("limits"),
-            payload.get("pricing"),
-            stall_timeout_ms=self.stall_timeout_ms,
-        )
-        return executor, message, secrets
+        except ActorqError:
+            raise
+        except Exception as exc:  # a payload no validator foresaw: end the job, keep serving
+            raise MessageDecodeError(
+                f"job payload cannot be run ({type(exc).__name__}: {scrub(str(exc), job.secrets)})"
+            ) from None
+        return executor, job.message, job.secrets
 
     async def _execute(
         self, executor: Executor, message: str, channel: JobChannel, attempt: int

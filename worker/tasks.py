@@ -7,11 +7,12 @@ from typing import Any
 
 from celery.exceptions import Reject
 
-from producer import keys
-from producer.schema import SCHEMA_VERSION, TASK_NAME
+from producer.errors import MessageDecodeError
+from producer.schema import TASK_NAME
 
 from .app import app, get_runner
 from .loop import run_on_loop
+from .message import decode_message
 
 __all__ = ["run_job"]
 
@@ -19,12 +20,16 @@ log = logging.getLogger("actorq.worker")
 
 
 @app.task(name=TASK_NAME, ignore_result=True)
-def run_job(job_id: Any = None, actor: Any = "", v: Any = None, **extra: Any) -> str:
-    """Run one attempt of a job. Arguments are the job id and actor name only."""
-    if not keys.valid_job_id(job_id):
-        log.error("rejected a message with no usable job id")
-        raise Reject("no usable job id", requeue=False)
-    error = None
-    if v != SCHEMA_VERSION:
-        error = f"message schema version {v!r} is not supported (want {SCHEMA_VERSION})"
+def run_job(*args: Any, **kwargs: Any) -> str:
+    """Run one attempt of a job. Arguments are the job id and actor name only.
+
+    The signature takes anything so that a malformed message reaches
+    :func:`decode_message` (and ends its job ``failed``) instead of failing
+    inside Celery with a ``TypeError`` that leaves the job queued forever.
+    """
+    try:
+        job_id, error = decode_message(args, kwargs)
+    except MessageDecodeError as exc:
+        log.error("rejected a message: %s", exc)
+        raise Reject(str(exc), requeue=False) from None
     return str(run_on_loop(get_runner().run(job_id, error)))
