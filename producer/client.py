@@ -20,7 +20,14 @@ import redis
 import redis.asyncio as aioredis
 
 from . import keys, scripts
-from .config import check_budget, parse_config, parse_credentials, parse_limits, parse_pricing
+from .config import (
+    check_budget,
+    check_credentials,
+    parse_config,
+    parse_credentials,
+    parse_limits,
+    parse_pricing,
+)
 from .crypto import encrypt_credentials
 from .errors import ConfigError, InvalidInput, JobNotFound, JobTimeout
 from .schema import (
@@ -206,6 +213,7 @@ class Client:
         parsed_pricing = parse_pricing(pricing)
         check_budget(parsed, parsed_limits, parsed_pricing)
         creds = parse_credentials(credentials)
+        check_credentials(parsed, creds)
         payload = {
             "v": SCHEMA_VERSION,
             "job_id": job_id,

@@ -36,6 +36,7 @@ __all__ = [
     "ModelPrice",
     "ScriptedTurn",
     "check_budget",
+    "check_credentials",
     "parse_config",
     "parse_credentials",
     "parse_limits",
@@ -279,7 +280,9 @@ def parse_pricing(pricing: object) -> dict[str, ModelPrice]:
         raise InvalidInput("pricing", f"more than {_MAX_PRICED_MODELS} models")
     for model, price in pricing.items():
         if not isinstance(model, str) or not 0 < len(model) <= 128:
-            raise InvalidInput("pricing", f"model names must be 1-128 character strings ({str(model)[:32]!r})")
+            raise InvalidInput(
+                "pricing", f"model names must be 1-128 character strings ({str(model)[:32]!r})"
+            )
         if isinstance(price, Mapping):
             for side, value in price.items():
                 if isinstance(value, bool):
@@ -305,6 +308,21 @@ def check_budget(
         if model not in pricing:
             raise InvalidInput(
                 "pricing", f"limits.max_cost_usd needs a price for every model; {model!r} has none"
+            )
+
+
+def check_credentials(
+    config: LLMConfig | GraphConfig, credentials: Mapping[str, Mapping[str, str]]
+) -> None:
+    """Every openai node needs an API key, unless it talks to a self-hosted base URL."""
+    nodes = list(config.nodes.values()) if isinstance(config, GraphConfig) else [config]
+    for node in nodes:
+        if node.provider != "openai":
+            continue
+        creds = credentials.get("openai", {})
+        if not creds.get("api_key") and not (creds.get("base_url") or node.base_url):
+            raise CredentialsError(
+                "credentials.openai.api_key", "required for provider openai without a base_url"
             )
 
 

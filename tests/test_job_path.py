@@ -183,6 +183,14 @@ BAD_INPUTS = [
         InvalidInput,
         "pricing.m.input",
     ),
+    (
+        "openai without a key",
+        {"provider": "openai", "model": "gpt-4o-mini"},
+        "hi",
+        {},
+        CredentialsError,
+        "credentials.openai.api_key",
+    ),
     ("unknown limit", scripted(), "hi", {"limits": {"forever": 1}}, InvalidInput, "limits.forever"),
 ]
 

@@ -45,7 +45,8 @@ def test_producer_imports_and_validates_without_the_worker_stack() -> None:
         from producer import ConfigError, Client, Settings
         client = Client(Settings())
         payload, actor = client._build_payload(
-            {"type": "graph", "nodes": {"a": {"provider": "openai", "model": "m"}},
+            {"type": "graph", "nodes": {"a": {"provider": "openai", "model": "m",
+                                             "base_url": "http://127.0.0.1:9/v1"}},
              "entry": "a"}, "hi", None, {"timeout_ms": 5}, None, None, None)
         assert actor == "graph", actor
         try:

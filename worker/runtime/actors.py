@@ -8,10 +8,9 @@ from typing import TYPE_CHECKING
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
-from producer.config import AgentConfig, GraphConfig, LLMConfig
+from producer.config import AgentConfig, GraphConfig, LLMConfig, check_credentials
 
 from ..errors import ConfigError
-from .providers import check_credentials
 from .run import Run, RunEvent
 from .tools import get_tool, tool_names
 
@@ -30,10 +29,9 @@ def check(
     if isinstance(config, GraphConfig):
         for name, node in config.nodes.items():
             _check_tools(node, f"config.nodes.{name}.tools")
-            check_credentials(node, credentials)
     else:
         _check_tools(config, "config.tools")
-        check_credentials(config, credentials)
+    check_credentials(config, credentials)
 
 
 def _check_tools(cfg: LLMConfig, field: str) -> None:

@@ -15,17 +15,7 @@ from ..errors import CredentialsError, ProviderAuthError, ProviderError
 from .scripted import ScriptedChatModel
 from .scrub import scrub
 
-__all__ = ["build_chat_model", "check_credentials", "provider_error"]
-
-
-def check_credentials(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]]) -> None:
-    """Raise :class:`CredentialsError` when a node cannot authenticate (checked at build time)."""
-    if cfg.provider == "openai":
-        creds = credentials.get("openai", {})
-        if not creds.get("api_key") and not (creds.get("base_url") or cfg.base_url):
-            raise CredentialsError(
-                "credentials.openai.api_key", "required for provider openai without a base_url"
-            )
+__all__ = ["build_chat_model", "provider_error"]
 
 
 # One HTTP connection pool per event loop. langchain-openai's default async client
