@@ -29,6 +29,7 @@ from producer.errors import ActorqError, MessageDecodeError
 from producer.schema import SCHEMA_VERSION, ActorResult, JobStatus
 from producer.settings import Settings
 
+from . import logctx, metrics
 from .errors import LimitExceeded, ProviderError
 from .publisher import JobChannel, Publisher
 from .runtime.executor import Executor, RunEvent, create_executor
@@ -98,8 +99,11 @@ class JobRunner:
         verdict = claim[0].decode()
         if verdict != "claimed":
             log.info("job %s: not run (%s)", job_id, verdict)
+            metrics.job_skipped(verdict)
             return Outcome(verdict)
         attempt = int(claim[1])
+        logctx.bind(job_id=job_id, attempt=attempt)
+        metrics.job_claimed(attempt)
         task = asyncio.current_task()
         assert task is not None
         active = ActiveJob(job_id, owner, task)
@@ -134,9 +138,11 @@ class JobRunner:
                 )
             if active.lease_lost or channel.lost:
                 log.warning("job %s attempt %d: lost its lease; writing nothing", job_id, attempt)
+                metrics.job_skipped("fenced")
                 return Outcome("fenced")
             return await self._finish(job_id, owner, status, error, error_type, result, secrets)
         finally:
+            metrics.job_released()
             await self.supervisor.remove(active)
 
     async def _load(self, job_id: str) -> tuple[Executor, str, list[str]]:
@@ -191,6 +197,7 @@ class JobRunner:
                     await self.publisher.drain(channel)
                     return JobStatus.FAILED, str(exc), type(exc).__name__
                 tries += 1
+                metrics.provider_retry()
                 delay = min(8.0, 0.25 * 2**tries) * (0.5 + random.random())
                 log.warning(
                     "job %s: retryable provider error, retry %d in %.2fs: %s",
@@ -255,4 +262,5 @@ class JobRunner:
             log.warning("job %s: ending not written (%s)", job_id, done[1].decode())
             return Outcome(done[1].decode())
         log.info("job %s: %s", job_id, status.value)
+        metrics.job_ended(status.value, result.time_to_first_token_ms, result.duration_ms)
         return Outcome(status.value)

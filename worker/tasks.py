@@ -10,7 +10,9 @@ from celery.exceptions import Reject
 from producer import keys
 from producer.schema import SCHEMA_VERSION, TASK_NAME
 
+from . import logctx
 from .app import app, get_runner
+from .jobs import JobRunner, Outcome
 from .loop import run_on_loop
 
 __all__ = ["run_job"]
@@ -27,4 +29,11 @@ def run_job(job_id: Any = None, actor: Any = "", v: Any = None, **extra: Any) ->
     error = None
     if v != SCHEMA_VERSION:
         error = f"message schema version {v!r} is not supported (want {SCHEMA_VERSION})"
-    return str(run_on_loop(get_runner().run(job_id, error)))
+    logctx.start_job(job_id, actor if isinstance(actor, str) else "")
+    return str(run_on_loop(_run(get_runner(), job_id, actor, error)))
+
+
+async def _run(runner: JobRunner, job_id: str, actor: Any, error: str | None) -> Outcome:
+    # The loop's task has a context of its own: bind the job there too, for its logs.
+    logctx.start_job(job_id, actor if isinstance(actor, str) else "")
+    return await runner.run(job_id, error)
