@@ -125,8 +125,8 @@ def json_enabled() -> bool:
 def install(logger: logging.Logger | None = None) -> None:
     """Give every handler of ``logger`` (default: root) the filter and actorq's format."""
     target = logger or logging.getLogger()
-    formatter: logging.Formatter = JsonFormatter() if json_enabled() else logging.Formatter(
-        TEXT_FORMAT
+    formatter: logging.Formatter = (
+        JsonFormatter() if json_enabled() else logging.Formatter(TEXT_FORMAT)
     )
     for handler in target.handlers:
         if not any(isinstance(f, ContextFilter) for f in handler.filters):
