@@ -112,6 +112,15 @@ def _cmd_flower(args: argparse.Namespace) -> int:
     )
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    try:
+        from .router import serve
+    except ImportError as exc:
+        print(f"actorq: the example router needs the router extra ({exc})", file=sys.stderr)
+        return 2
+    return serve(args.host, args.port)
+
+
 EXIT_CODES = """exit codes of enqueue --follow and tail (the job's final status), status, cancel, jobs:
   0 succeeded / done   1 failed   2 bad arguments or input   3 no such job
   4 cancelled   5 timed_out   6 limit_exceeded   7 --timeout passed   8 Redis/broker unreachable
@@ -224,6 +233,11 @@ def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--url-prefix", help="serve under this path, behind a reverse proxy")
     p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then extra Flower options")
     p.set_defaults(func=_cmd_flower)
+
+    p = sub.add_parser("router", help="the example SSE router (needs the router extra)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_router)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,6 +36,7 @@ from producer import keys as rkeys
 __all__ = [
     "Exit",
     "exit_for_status",
+    "job_record",
     "recent_jobs",
     "run_cancel",
     "run_enqueue",
@@ -250,7 +251,7 @@ def _summary(record: JobRecord) -> str:
 # -- status / cancel -----------------------------------------------------------------
 
 
-def _record(client: Client, job_id: str) -> JobRecord:
+def job_record(client: Client, job_id: str) -> JobRecord:
     """The job's record whatever its state (``get_result`` waits for the end)."""
     if not rkeys.valid_job_id(job_id):
         raise InvalidInput("job_id", "must match [A-Za-z0-9_-]{1,64}")
@@ -265,7 +266,7 @@ def run_status(job_id: str, *, as_json: bool = False, out: TextIO | None = None)
     """Print a job's status and record; exit 0 when it exists, whatever its state."""
     out = out or sys.stdout
     with _client() as client:
-        record = _record(client, job_id)
+        record = job_record(client, job_id)
     if as_json:
         print(record.model_dump_json(), file=out)
         return Exit.OK

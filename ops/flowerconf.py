@@ -7,6 +7,6 @@ options, so only option names live at the top level here.
 from ops.flower import format_task  # noqa: F401  (Flower option: the task formatter)
 
 #: The tasks table: the job (actor · id), its state, the job's actorq status and attempt.
-tasks_columns = "name,state,result,received,started,runtime,worker"
+tasks_columns = "name,uuid,state,result,received,runtime,worker"
 #: The task's "args" shown on the tasks table are only (job id, actor): safe to search.
 natural_time = False
