@@ -90,8 +90,8 @@ def resume_cursor(last_event_id: str | None, after: str | None = None) -> str:
         if value is None or value.strip() == "":
             continue
         value = value.strip()
-        ms, _, seq = value.partition("-")
-        if not (ms.isdigit() and (seq == "" or seq.isdigit())) or len(value) > 41:
+        ms, dash, seq = value.partition("-")
+        if not (ms.isdigit() and (not dash or seq.isdigit())) or len(value) > 41:
             raise InvalidInput("after", f"{name} must be a stream entry id such as 1700000000000-0")
         return value
     return "0"
@@ -143,9 +143,9 @@ def stream_sse(
                 raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
         try:
             for event in client.stream_events(job_id, after=cursor, timeout=wait):
-                if first:
+                if first and retry_ms:
                     yield _retry(retry_ms)
-                    first = False
+                first = False
                 cursor = event.id
                 yield format_event(event)
                 if event.terminal:
@@ -153,9 +153,9 @@ def stream_sse(
         except JobTimeout:
             if deadline is not None and time.monotonic() >= deadline:
                 raise
-        if first:
+        if first and retry_ms:
             yield _retry(retry_ms)
-            first = False
+        first = False
         yield heartbeat()
 
 
