@@ -56,7 +56,7 @@ def metered(
 
 
 def test_metrics_count_what_the_worker_did(metered: tuple[WorkerProcess, int, Client]) -> None:
-    worker, port, client = metered
+    _, port, client = metered
     before = scrape(port)
     done = [
         client.enqueue_actor_job(scripted("one two three four", token_delay_ms=5), "go")
