@@ -143,6 +143,7 @@ def run_flower(opts: FlowerOptions) -> int:
 _CACHE_MAX = 10_000
 _cache: OrderedDict[str, tuple[float, dict[str, str]]] = OrderedDict()
 _redis: Any = None
+_down_until = 0.0  # after a Redis error, skip lookups for a while: pages stay fast
 _EXTRA_FIELDS = ("job_id", "actor", "job_status", "attempt")
 
 
@@ -167,6 +168,8 @@ def _job_info(job_id: str) -> dict[str, str]:
     hit = _cache.get(job_id)
     if hit is not None and hit[0] > now:
         return hit[1]
+    if now < _down_until:
+        return {}
     from producer import keys
     from producer.settings import Settings
 
@@ -211,7 +214,9 @@ def format_task(task: Any) -> Any:
     job_id, actor = found
     try:
         info = _job_info(job_id)
-    except Exception:  # Redis away: still show the job by its id
+    except Exception:  # Redis away: still show the job by its id, and stop asking for 5 s
+        global _down_until
+        _down_until = time.monotonic() + 5.0
         info = {}
     actor = actor or info.get("actor", "")
     task.name = f"{actor or '?'} · {job_id}"

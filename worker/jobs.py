@@ -103,12 +103,12 @@ class JobRunner:
             return Outcome(verdict)
         attempt = int(claim[1])
         logctx.bind(job_id=job_id, attempt=attempt)
-        metrics.job_claimed(attempt)
         task = asyncio.current_task()
         assert task is not None
         active = ActiveJob(job_id, owner, task)
         channel = self.publisher.open(job_id, owner)
         await self.supervisor.add(active)
+        metrics.job_claimed(attempt)
         executor: Executor | None = None
         secrets: list[str] = []
         try:
