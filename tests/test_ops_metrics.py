@@ -140,3 +140,102 @@ def test_every_job_log_line_carries_job_attempt_and_actor(
     assert all(r["actor"] == "tester" for r in mine)
     assert any(r["attempt"] == "1" and r["logger"] == "actorq.jobs" for r in mine)
     assert all(job_id in r["message"] or r["job_id"] == job_id for r in mine)
+
+
+class FlakyOpenAI:
+    """An OpenAI-compatible chat server on 127.0.0.1 that fails the way providers do:
+    the first call gets a 429, the second streams three tokens and then the
+    connection is cut mid-body, the third streams the whole reply."""
+
+    WORDS = ["Retried", " and", " reset", " but", " whole", " in", " the", " end."]
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        calls = self.calls = [0]
+        words = self.WORDS
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                calls[0] += 1
+                if calls[0] == 1:
+                    body = b'{"error": {"message": "slow down", "type": "rate_limit"}}'
+                    self.send_response(429)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                cut = calls[0] == 2
+                for i, word in enumerate(words):
+                    if cut and i == 3:
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(2)  # mid-body: an incomplete chunked read
+                        return
+                    self._chunk({"delta": {"content": word}, "finish_reason": None})
+                    time.sleep(0.02)
+                self._chunk({"delta": {}, "finish_reason": "stop"})
+                self._send(b"data: [DONE]\n\n")
+                self.wfile.write(b"0\r\n\r\n")
+
+            def _chunk(self, choice: dict[str, object]) -> None:
+                data = {
+                    "id": "c",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": "gpt-test",
+                    "choices": [{"index": 0, **choice}],
+                }
+                self._send(f"data: {json.dumps(data)}\n\n".encode())
+
+            def _send(self, payload: bytes) -> None:
+                self.wfile.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
+                self.wfile.flush()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_provider_retries_and_resets_are_counted(
+    metered: tuple[WorkerProcess, int, Client],
+) -> None:
+    _, port, client = metered
+    server = FlakyOpenAI()
+    try:
+        before = scrape(port)
+        config = {
+            "type": "llm",
+            "name": "flaky",
+            "provider": "openai",
+            "model": "gpt-test",
+            "base_url": f"http://127.0.0.1:{server.port}/v1",
+        }
+        job_id = client.enqueue_actor_job(config, "go")
+        record = client.wait_result(job_id, timeout=60)
+        assert record.status is JobStatus.SUCCEEDED, record.error
+        assert record.result is not None and record.result.text == "".join(FlakyOpenAI.WORDS)
+        assert server.calls[0] == 3
+        delta = {k: v - before.get(k, 0.0) for k, v in scrape(port).items()}
+        assert value(delta, "actorq_provider_retries_total") == 2
+        assert value(delta, "actorq_resets_total", reason="retry") == 1
+        assert value(delta, "actorq_events_published_total", type="reset") == 1
+        assert value(delta, "actorq_jobs_total", status="succeeded") == 1
+    finally:
+        server.close()
