@@ -239,3 +239,16 @@ def test_provider_retries_and_resets_are_counted(
         assert value(delta, "actorq_jobs_total", status="succeeded") == 1
     finally:
         server.close()
+
+
+def test_metrics_endpoint_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.metrics import serve
+
+    monkeypatch.delenv("ACTORQ_METRICS_PORT", raising=False)
+    assert serve() is None  # off unless asked for
+    monkeypatch.setenv("ACTORQ_METRICS_PORT", "nine")
+    with pytest.raises(ValueError, match="ACTORQ_METRICS_PORT"):
+        serve()
+    monkeypatch.setenv("ACTORQ_METRICS_PORT", "0")  # any free port
+    bound = serve(addr="127.0.0.1")
+    assert bound and http_get(f"http://127.0.0.1:{bound}/metrics")[0] == 200
