@@ -6,7 +6,7 @@ import logging
 import threading
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_init
+from celery.signals import after_setup_logger, worker_init, worker_process_shutdown, worker_shutdown
 
 import celeryconfig
 from producer.schema import SCHEMA_VERSION, TASK_NAME
@@ -36,6 +36,13 @@ def _structured_logs(logger: logging.Logger, **_: object) -> None:
 def _metrics_endpoint(**_: object) -> None:
     """Serve /metrics on ACTORQ_METRICS_PORT (when set) for the worker's lifetime."""
     metrics.serve()
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _metrics_process_gone(**_: object) -> None:
+    """In multiprocess mode, a stopped process's streams-in-flight gauge must not linger."""
+    metrics.process_exited()
 
 
 def requeue(job_id: str) -> None:

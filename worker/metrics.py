@@ -37,6 +37,7 @@ __all__ = [
     "job_released",
     "job_skipped",
     "pipeline_acked",
+    "process_exited",
     "provider_retry",
     "published",
     "serve",
@@ -145,6 +146,14 @@ def published(entries: Sequence[Sequence[str]]) -> None:
         EVENTS.labels(kind).inc(n)
         if kind == "reset":
             RESETS.labels("retry").inc(n)
+
+
+def process_exited(pid: int | None = None) -> None:
+    """Drop an exited process's live gauges from the multiprocess directory."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
 
 
 def _registry() -> CollectorRegistry | None:
