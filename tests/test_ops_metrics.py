@@ -139,6 +139,7 @@ def test_every_job_log_line_carries_job_attempt_and_actor(
     assert {"celery.worker.strategy", "actorq.jobs", "celery.app.trace"} <= loggers, loggers
     assert all(r["actor"] == "tester" for r in mine)
     assert any(r["attempt"] == "1" and r["logger"] == "actorq.jobs" for r in mine)
+    assert all(r["attempt"] == "1" for r in mine if r["logger"] != "celery.worker.strategy")
     assert all(job_id in r["message"] or r["job_id"] == job_id for r in mine)
 
 

@@ -30,10 +30,18 @@ def run_job(job_id: Any = None, actor: Any = "", v: Any = None, **extra: Any) ->
     if v != SCHEMA_VERSION:
         error = f"message schema version {v!r} is not supported (want {SCHEMA_VERSION})"
     logctx.start_job(job_id, actor if isinstance(actor, str) else "")
-    return str(run_on_loop(_run(get_runner(), job_id, actor, error)))
+    outcome, ctx = run_on_loop(_run(get_runner(), job_id, actor, error))
+    # Celery logs the task's end from this thread: give it what the run learnt.
+    logctx.bind(
+        actor=ctx["actor"], attempt=int(ctx["attempt"]) if ctx["attempt"].isdigit() else None
+    )
+    return str(outcome)
 
 
-async def _run(runner: JobRunner, job_id: str, actor: Any, error: str | None) -> Outcome:
+async def _run(
+    runner: JobRunner, job_id: str, actor: Any, error: str | None
+) -> tuple[Outcome, dict[str, str]]:
     # The loop's task has a context of its own: bind the job there too, for its logs.
     logctx.start_job(job_id, actor if isinstance(actor, str) else "")
-    return await runner.run(job_id, error)
+    outcome = await runner.run(job_id, error)
+    return outcome, logctx.current()
