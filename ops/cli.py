@@ -47,6 +47,101 @@ def _cmd_tiktoken_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
+    from .commands import worker_argv
+
+    argv = worker_argv(
+        concurrency=args.concurrency,
+        queue=args.queue,
+        hostname=args.hostname,
+        loglevel=args.loglevel,
+        extra=_rest(args.celery_args),
+    )
+    sys.stdout.flush()
+    os.execv(argv[0], argv)  # celery gets the signals itself (warm shutdown on SIGTERM)
+    return 0  # pragma: no cover
+
+
+def _rest(extra: list[str]) -> list[str]:
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
+def _cmd_enqueue(args: argparse.Namespace) -> int:
+    from .commands import run_enqueue
+
+    return int(
+        run_enqueue(
+            config=args.config,
+            message=args.message,
+            credentials=args.credentials,
+            limits=args.limits,
+            pricing=args.pricing,
+            job_id=args.job_id,
+            idempotency_key=args.idempotency_key,
+            follow=args.follow,
+            as_json=args.json,
+            timeout=args.timeout,
+        )
+    )
+
+
+def _cmd_tail(args: argparse.Namespace) -> int:
+    from .commands import run_tail
+
+    return int(run_tail(args.job_id, after=args.after, as_json=args.json, timeout=args.timeout))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from .commands import run_status
+
+    return int(run_status(args.job_id, as_json=args.json))
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    from .commands import run_cancel
+
+    return int(run_cancel(args.job_id, as_json=args.json))
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    from .commands import run_jobs
+
+    return int(run_jobs(limit=args.limit, status=args.status, as_json=args.json))
+
+
+def _cmd_flower(args: argparse.Namespace) -> int:
+    from .flower import FlowerOptions, run_flower
+
+    return run_flower(
+        FlowerOptions(
+            port=args.port,
+            address=args.address,
+            basic_auth=args.basic_auth or [],
+            local=args.local,
+            read_only=args.read_only,
+            url_prefix=args.url_prefix or "",
+            extra=_rest(args.flower_args),
+        )
+    )
+
+
+def _cmd_router(args: argparse.Namespace) -> int:
+    try:
+        from .router import serve
+    except ImportError as exc:
+        print(f"actorq: the example router needs the router extra ({exc})", file=sys.stderr)
+        return 2
+    return serve(args.host, args.port)
+
+
+EXIT_CODES = """exit codes of enqueue --follow and tail (the job's final status), status, cancel, jobs:
+  0 succeeded / done   1 failed   2 bad arguments or input   3 no such job
+  4 cancelled   5 timed_out   6 limit_exceeded   7 --timeout passed   8 Redis/broker unreachable
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actorq", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +167,101 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="a mirror serving the same file names")
     p.add_argument("--cache-dir", help="default: TIKTOKEN_CACHE_DIR, as tiktoken reads it")
     p.set_defaults(func=_cmd_tiktoken_fetch)
+
+    _add_job_commands(sub)
     return parser
+
+
+def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "worker",
+        help="run a worker (celery, threads pool, one shared event loop)",
+        description="Run `celery -A worker.app worker` with actorq's defaults. "
+        "Arguments after -- go to celery unchanged.",
+    )
+    p.add_argument(
+        "--concurrency", type=int, help="jobs streamed at once (ACTORQ_CONCURRENCY, 200)"
+    )
+    p.add_argument("--queue", help="queue(s) to consume (default ACTORQ_QUEUE, actorq)")
+    p.add_argument("--hostname", help="worker node name, e.g. w1@%%h")
+    p.add_argument("--loglevel", default="INFO")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER, help="-- then extra celery options")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser(
+        "enqueue",
+        help="enqueue a job; print its id (or --follow it)",
+        epilog=EXIT_CODES,
+        formatter_class=raw,
+    )
+    p.add_argument("message", help="the message for the actor ('-' reads stdin)")
+    p.add_argument("--config", required=True, help="actor config JSON file ('-' reads stdin)")
+    p.add_argument("--credentials", help="credentials JSON file: {provider: {api_key: ...}}")
+    p.add_argument(
+        "--limits", help="limits as a JSON object or file, e.g. '{\"timeout_ms\": 60000}'"
+    )
+    p.add_argument("--pricing", help="pricing JSON file: {model: {input: USD/M, output: USD/M}}")
+    p.add_argument("--job-id", help="choose the job id ([A-Za-z0-9_-]{1,64})")
+    p.add_argument("--idempotency-key", help="enqueue at most once per key")
+    p.add_argument("--follow", "-f", action="store_true", help="stream the job until it ends")
+    p.add_argument("--timeout", type=float, help="with --follow: give up after this many seconds")
+    p.add_argument("--json", action="store_true", help="JSON output (events as JSON lines)")
+    p.set_defaults(func=_cmd_enqueue)
+
+    p = sub.add_parser(
+        "tail", help="stream a job's events until it ends", epilog=EXIT_CODES, formatter_class=raw
+    )
+    p.add_argument("job_id")
+    p.add_argument("--after", default="0", help="resume after this stream entry id")
+    p.add_argument("--timeout", type=float, help="give up after this many seconds")
+    p.add_argument("--json", action="store_true", help="one JSON object per event")
+    p.set_defaults(func=_cmd_tail)
+
+    p = sub.add_parser(
+        "status", help="a job's status and record", epilog=EXIT_CODES, formatter_class=raw
+    )
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser("cancel", help="stop a job", epilog=EXIT_CODES, formatter_class=raw)
+    p.add_argument("job_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_cancel)
+
+    p = sub.add_parser("jobs", help="recent jobs with status, tokens and cost")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--status", help="only jobs with this status")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_jobs)
+
+    p = sub.add_parser(
+        "flower",
+        help="the Flower dashboard on the configured broker (auth required)",
+        description="Start Flower with authentication (or --local), optional read-only "
+        "mode and URL prefix. Arguments after -- go to Flower unchanged.",
+    )
+    p.add_argument("--port", type=int, default=5555)
+    p.add_argument("--address", help="bind address (default 0.0.0.0; 127.0.0.1 with --local)")
+    p.add_argument(
+        "--basic-auth",
+        action="append",
+        metavar="USER:PASSWORD",
+        help="repeatable; prefer FLOWER_BASIC_AUTH so it stays out of `ps`",
+    )
+    p.add_argument(
+        "--local", action="store_true", help="allow no authentication (this machine only)"
+    )
+    p.add_argument("--read-only", action="store_true", help="refuse every control action (403)")
+    p.add_argument("--url-prefix", help="serve under this path, behind a reverse proxy")
+    p.add_argument("flower_args", nargs=argparse.REMAINDER, help="-- then extra Flower options")
+    p.set_defaults(func=_cmd_flower)
+
+    p = sub.add_parser("router", help="the example SSE router (needs the router extra)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_cmd_router)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

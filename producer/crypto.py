@@ -42,7 +42,9 @@ def encrypt_credentials(credentials: dict[str, dict[str, str]], keys: Sequence[s
 def decrypt_credentials(token: object, keys: Sequence[str]) -> dict[str, dict[str, str]]:
     """Decrypt a stored credentials token; :class:`CredentialsError` when it isn't one of ours."""
     if not isinstance(token, str):
-        raise CredentialsError("credentials", f"stored token must be a str, not {type(token).__name__}")
+        raise CredentialsError(
+            "credentials", f"stored token must be a str, not {type(token).__name__}"
+        )
     try:
         data = json.loads(_fernet(keys).decrypt(token.encode()))
     except (InvalidToken, ValueError, UnicodeError, RecursionError):

@@ -6,11 +6,13 @@ import logging
 import threading
 
 from celery import Celery
+from celery.signals import after_setup_logger, worker_init, worker_process_shutdown, worker_shutdown
 
 import celeryconfig
 from producer.schema import SCHEMA_VERSION, TASK_NAME
 from producer.settings import Settings
 
+from . import logctx, metrics
 from .jobs import JobRunner
 
 __all__ = ["app", "get_runner", "requeue"]
@@ -22,6 +24,25 @@ app.conf.include = ["worker.tasks"]
 _runner: JobRunner | None = None
 _lock = threading.Lock()
 log = logging.getLogger("actorq.worker")
+
+
+@after_setup_logger.connect
+def _structured_logs(logger: logging.Logger, **_: object) -> None:
+    """Every line of the worker's log carries the job id, attempt and actor."""
+    logctx.install(logger)
+
+
+@worker_init.connect
+def _metrics_endpoint(**_: object) -> None:
+    """Serve /metrics on ACTORQ_METRICS_PORT (when set) for the worker's lifetime."""
+    metrics.serve()
+
+
+@worker_shutdown.connect
+@worker_process_shutdown.connect
+def _metrics_process_gone(**_: object) -> None:
+    """In multiprocess mode, a stopped process's streams-in-flight gauge must not linger."""
+    metrics.process_exited()
 
 
 def requeue(job_id: str) -> None:

@@ -27,6 +27,7 @@ from producer.errors import ActorqError, MessageDecodeError
 from producer.schema import ActorResult, JobStatus
 from producer.settings import Settings
 
+from . import logctx, metrics
 from .errors import LimitExceeded, ProviderError
 from .message import decode_payload
 from .publisher import JobChannel, Publisher
@@ -97,13 +98,16 @@ class JobRunner:
         verdict = claim[0].decode()
         if verdict != "claimed":
             log.info("job %s: not run (%s)", job_id, verdict)
+            metrics.job_skipped(verdict)
             return Outcome(verdict)
         attempt = int(claim[1])
+        logctx.bind(job_id=job_id, attempt=attempt)
         task = asyncio.current_task()
         assert task is not None
         active = ActiveJob(job_id, owner, task)
         channel = self.publisher.open(job_id, owner)
         await self.supervisor.add(active)
+        metrics.job_claimed(attempt)
         executor: Executor | None = None
         secrets: list[str] = []
         try:
@@ -133,9 +137,11 @@ class JobRunner:
                 )
             if active.lease_lost or channel.lost:
                 log.warning("job %s attempt %d: lost its lease; writing nothing", job_id, attempt)
+                metrics.job_skipped("fenced")
                 return Outcome("fenced")
             return await self._finish(job_id, owner, status, error, error_type, result, secrets)
         finally:
+            metrics.job_released()
             await self.supervisor.remove(active)
 
     async def _load(self, job_id: str) -> tuple[Executor, str, list[str]]:
@@ -179,6 +185,7 @@ class JobRunner:
                     await self.publisher.drain(channel)
                     return JobStatus.FAILED, str(exc), type(exc).__name__
                 tries += 1
+                metrics.provider_retry()
                 delay = min(8.0, 0.25 * 2**tries) * (0.5 + random.random())
                 log.warning(
                     "job %s: retryable provider error, retry %d in %.2fs: %s",
@@ -243,4 +250,5 @@ class JobRunner:
             log.warning("job %s: ending not written (%s)", job_id, done[1].decode())
             return Outcome(done[1].decode())
         log.info("job %s: %s", job_id, status.value)
+        metrics.job_ended(status.value, result.time_to_first_token_ms, result.duration_ms)
         return Outcome(status.value)

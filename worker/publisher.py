@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,6 +22,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys, scripts
 from producer.settings import Settings
+
+from . import metrics
 
 __all__ = ["JobChannel", "Publisher"]
 
@@ -54,6 +57,7 @@ class Publisher:
         self._sha: str | None = None
         self._dirty: dict[JobChannel, None] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._dirty_since = 0.0  # when the oldest unsent entry was queued (publish lag)
 
     def open(self, job_id: str, owner: str) -> JobChannel:
         channel = JobChannel(job_id, owner)
@@ -64,6 +68,8 @@ class Publisher:
         """Queue one entry (flat field/value list); never blocks the caller."""
         if channel.stopped:
             return
+        if not self._dirty:
+            self._dirty_since = time.monotonic()
         channel.pending.append(fields)
         channel.drained.clear()
         self._dirty[channel] = None
@@ -80,6 +86,7 @@ class Publisher:
             while self._dirty:
                 batch = list(self._dirty)
                 self._dirty.clear()
+                since, self._dirty_since = self._dirty_since, time.monotonic()
                 taken = [(ch, ch.pending, ch.next_seq) for ch in batch]
                 for ch in batch:
                     ch.pending = []
@@ -99,8 +106,11 @@ class Publisher:
                     backoff = min(backoff * 2, 2.0)
                     continue
                 backoff = 0.05
+                metrics.pipeline_acked(time.monotonic() - since)
                 for (ch, entries, _), result in zip(taken, results, strict=True):
                     ch.next_seq += len(entries)
+                    if result > 0:
+                        metrics.published(entries[len(entries) - result :])
                     if result == -1:
                         ch.lost = True
                     elif result == -2:

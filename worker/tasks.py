@@ -10,7 +10,9 @@ from celery.exceptions import Reject
 from producer.errors import MessageDecodeError
 from producer.schema import TASK_NAME
 
+from . import logctx
 from .app import app, get_runner
+from .jobs import JobRunner, Outcome
 from .loop import run_on_loop
 from .message import decode_message
 
@@ -32,4 +34,20 @@ def run_job(*args: Any, **kwargs: Any) -> str:
     except MessageDecodeError as exc:
         log.error("rejected a message: %s", exc)
         raise Reject(str(exc), requeue=False) from None
-    return str(run_on_loop(get_runner().run(job_id, error)))
+    actor = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+    logctx.start_job(job_id, actor)
+    outcome, ctx = run_on_loop(_run(get_runner(), job_id, actor, error))
+    # Celery logs the task's end from this thread: give it what the run learnt.
+    logctx.bind(
+        actor=ctx["actor"], attempt=int(ctx["attempt"]) if ctx["attempt"].isdigit() else None
+    )
+    return str(outcome)
+
+
+async def _run(
+    runner: JobRunner, job_id: str, actor: str, error: str | None
+) -> tuple[Outcome, dict[str, str]]:
+    # The loop's task has a context of its own: bind the job there too, for its logs.
+    logctx.start_job(job_id, actor)
+    outcome = await runner.run(job_id, error)
+    return outcome, logctx.current()
