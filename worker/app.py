@@ -6,12 +6,14 @@ import logging
 import threading
 
 from celery import Celery
+from celery.signals import worker_ready
 
 import celeryconfig
 from producer.schema import SCHEMA_VERSION, TASK_NAME
 from producer.settings import Settings
 
 from .jobs import JobRunner
+from .loop import get_loop
 
 __all__ = ["app", "get_runner", "requeue"]
 
@@ -24,16 +26,23 @@ _lock = threading.Lock()
 log = logging.getLogger("actorq.worker")
 
 
-def requeue(job_id: str) -> None:
-    """Send a job again (the sweeper found its worker gone)."""
+def requeue(job_id: str, queue: str = "") -> None:
+    """Send a job again (its attempt was lost), to the queue it came from."""
     app.send_task(
         TASK_NAME,
         args=[job_id, ""],
         kwargs={"v": SCHEMA_VERSION},
-        queue=app.conf.task_default_queue,
+        queue=queue or app.conf.task_default_queue,
         argsrepr=repr((job_id, "")),
         kwargsrepr="{}",
     )
+
+
+@worker_ready.connect
+def _start_supervisor(**_: object) -> None:
+    """Sweep for lost jobs from the start, not only once this worker runs a job."""
+    supervisor = get_runner().supervisor
+    get_loop().call_soon_threadsafe(supervisor.start)
 
 
 def get_runner() -> JobRunner:
