@@ -138,10 +138,6 @@ class JobRunner:
                     finish_reason="error" if status == JobStatus.FAILED else status.value
                 )
             )
-            if channel.capped:
-                error = f"stream_max_events exceeded: the stream holds {s.stream_max_events} events"
-                status, error_type = JobStatus.LIMIT_EXCEEDED, "LimitExceeded"
-                result = result.model_copy(update={"finish_reason": "limit", "error": error})
             # Every entry of this attempt goes out before its ending, so the stream
             # and the record's partial text agree (and nothing follows ``done``).
             try:
@@ -149,6 +145,10 @@ class JobRunner:
             except TimeoutError:
                 log.error("job %s: Redis did not take its entries; left to the sweeper", job_id)
                 return Outcome("unrecorded")
+            if channel.capped:  # known only once the batches came back: after the drain
+                error = f"stream_max_events exceeded: the stream holds {s.stream_max_events} events"
+                status, error_type = JobStatus.LIMIT_EXCEEDED, "LimitExceeded"
+                result = result.model_copy(update={"finish_reason": "limit", "error": error})
             if active.lease_lost or channel.lost:
                 log.warning("job %s attempt %d: lost its lease; writing nothing", job_id, attempt)
                 await self._give_up(job_id)
