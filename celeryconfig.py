@@ -58,6 +58,9 @@ worker_prefetch_multiplier = 1
 #: threads pool cannot stop a running thread (Celery logs that it could not), so
 #: the job keeps streaming and the lease fences the redelivered copy.
 worker_cancel_long_running_tasks_on_connection_loss = True
+#: Celery's consumer, with a reconnect that does not crash the worker when jobs are
+#: running (see worker/consumer.py): a worker survives a broker restart.
+worker_consumer = "worker.consumer:Consumer"
 
 _broker_is_redis = broker_url.startswith(("redis://", "rediss://", "unix://"))
 #: Redis broker only (RabbitMQ redelivers as soon as a consumer's connection drops):
