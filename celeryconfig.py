@@ -54,9 +54,10 @@ task_reject_on_worker_lost = True
 #: beyond the ones it was about to run.
 worker_prefetch_multiplier = 1
 #: With acks_late, a broker connection loss means the broker will redeliver the
-#: running jobs; Celery then cancels them here so two attempts don't run. The
-#: threads pool cannot stop a running thread (Celery logs that it could not), so
-#: the job keeps streaming and the lease fences the redelivered copy.
+#: running jobs; this asks Celery to cancel them so two attempts don't run. The
+#: threads pool cannot stop a running thread, so actorq's consumer (below) settles
+#: them instead: the job keeps streaming and its lease fences the redelivered copy.
+#: Set (rather than left to the default) so the choice is explicit on every Celery.
 worker_cancel_long_running_tasks_on_connection_loss = True
 #: Celery's consumer, with a reconnect that does not crash the worker when jobs are
 #: running (see worker/consumer.py): a worker survives a broker restart.

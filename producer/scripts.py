@@ -84,7 +84,11 @@ if not status then return {'missing', 0} end
 if TERMINAL[status] then return {'terminal', 0} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', 0} end
 if redis.call('EXISTS', KEYS[4]) == 1 then
-  finish('cancelled', 'cancelled before it started', 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
+  local why = 'cancelled before it started'
+  if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') > 0 then
+    why = 'cancelled by request (its last attempt was lost before it could stop)'
+  end
+  finish('cancelled', why, 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
   return {'cancelled', 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)

@@ -226,12 +226,18 @@ def _rabbit_reachable() -> bool:
 
 @pytest.mark.skipif(not _rabbit_reachable(), reason="no RabbitMQ on 127.0.0.1:5672")
 def test_rabbitmq_broker_core_path_duplicates_cancel_and_a_killed_worker(
-    stack_env: dict[str, str], start_worker: WorkerFactory
+    own_redis: EmbeddedRedis, stack_env: dict[str, str], start_worker: WorkerFactory
 ) -> None:
     from kombu import Connection
 
     queue = f"actorq-amqp-{uuid.uuid4().hex[:6]}"
-    env = {**stack_env, **FAST_RECOVERY, "CELERY_BROKER_URL": RABBIT_URL, "ACTORQ_QUEUE": queue}
+    env = {
+        **stack_env,
+        **FAST_RECOVERY,
+        "REDIS_URL": own_redis.url,
+        "CELERY_BROKER_URL": RABBIT_URL,
+        "ACTORQ_QUEUE": queue,
+    }
     workers = _start_all(start_worker, [f"q1-{queue[-6:]}", f"q2-{queue[-6:]}"], env)
     client = Client(Settings.from_env(env))
     try:
@@ -270,12 +276,34 @@ def test_rabbitmq_broker_core_path_duplicates_cancel_and_a_killed_worker(
         assert record is not None and record.status is JobStatus.SUCCEEDED and record.attempt == 2
         assert [e.type for e in events].count("reset") == 1
         assert final_text(events) == REPLY
+
+        # The message arrives while Redis (the job store) is down: the worker
+        # waits for it rather than failing the delivery, then runs the job.
+        idle = Client(Settings.from_env({**env, "ACTORQ_QUEUE": f"{queue}-idle"}))
+        try:
+            job_id = idle.enqueue_actor_job(scripted(REPLY), "go")
+            own_redis.stop()
+            survivor = next(w for w in workers if w is not victim)
+            names = [f"{survivor.name}@{socket.gethostname()}"]
+            idle.celery.control.add_consumer(f"{queue}-idle", destination=names, reply=True)
+            wait_until(
+                lambda: log_count([survivor], f"job {job_id}: Redis unreachable"),
+                20,
+                "the delivery to find Redis away",
+            )
+            own_redis.start()
+            record = retrying(lambda: idle.wait_result(job_id, timeout=30), 45)
+            assert record.status is JobStatus.SUCCEEDED
+            check_one_ending(read_events(idle, job_id), record)
+        finally:
+            idle.close()
     finally:
         client.close()
         for w in workers:
             w.stop(timeout=10)
         with Connection(RABBIT_URL, connect_timeout=5) as conn:
-            conn.default_channel.queue_delete(queue)
+            for name in (queue, f"{queue}-idle"):
+                conn.default_channel.queue_delete(name)
 
 
 def test_summary_helper_reports_p50_and_max() -> None:

@@ -399,3 +399,61 @@ def test_frozen_worker_loses_its_claim_and_publishes_nothing_more(pool: Pool) ->
         15,
         "the frozen worker to notice it lost the job",
     )
+
+
+def test_cancel_a_job_whose_worker_froze_ends_cancelled_once(pool: Pool) -> None:
+    c = pool.client
+    job_id = c.enqueue_actor_job(scripted(WORDS, token_delay_ms=50), "go")
+    events = wait_until(lambda: tokens_seen(c, job_id, 3), 20, "the job to stream")
+    frozen = worker_of(events[0], pool.workers)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        assert c.cancel_job(job_id) is CancelOutcome.REQUESTED
+        # Its worker can't see the flag: the sweeper requeues the job once the lease
+        # lapses, and the claim finds the flag and ends it.
+        wait_until(
+            lambda: c.redis.hget(f"actorq:job:{{{job_id}}}", "status") != b"running",
+            20,
+            "the sweeper to pick up the frozen worker's job",
+        )
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.CANCELLED
+    assert record.error is not None and "lost before it could stop" in record.error
+    assert [e.type for e in events].count("start") == 1
+    time.sleep(1.0)  # the thawed worker must not write after the ending
+    assert read_events(c, job_id) == events
+
+
+def test_concurrent_enqueues_with_one_idempotency_key_make_one_job(pool: Pool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = pool.client
+    key = f"race-{uuid.uuid4().hex}"
+    with ThreadPoolExecutor(8) as ex:
+        ids = list(
+            ex.map(
+                lambda _: c.enqueue_actor_job(scripted("raced"), "go", idempotency_key=key),
+                range(16),
+            )
+        )
+    assert len(set(ids)) == 1
+    record = c.wait_result(ids[0], timeout=30)
+    assert record.status is JobStatus.SUCCEEDED
+    assert [e.type for e in read_events(c, ids[0])].count("start") == 1
+
+
+def test_sweep_interval_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.supervisor import sweep_interval_from_env
+
+    monkeypatch.delenv("ACTORQ_SWEEP_INTERVAL_S", raising=False)
+    assert sweep_interval_from_env() == 5.0
+    monkeypatch.setenv("ACTORQ_SWEEP_INTERVAL_S", "0.5")
+    assert sweep_interval_from_env() == 0.5
+    for bad in ("soon", "0", "-1", "99999"):
+        monkeypatch.setenv("ACTORQ_SWEEP_INTERVAL_S", bad)
+        with pytest.raises(ValueError, match="ACTORQ_SWEEP_INTERVAL_S"):
+            sweep_interval_from_env()

@@ -82,6 +82,8 @@ class JobRunner:
         # How long an attempt waits for Redis to take its last entries before it gives
         # the job up to the sweeper (by then its lease has lapsed anyway).
         self.drain_timeout_s = max(30.0, 2.0 * settings.lease_ttl_s)
+        # How long a delivery waits for an unreachable Redis before it re-sends the job.
+        self.claim_wait_s = 30.0
 
     # -- the attempt ---------------------------------------------------------------
 
@@ -89,22 +91,9 @@ class JobRunner:
         """Run one attempt; with ``decode_error`` the claimed job ends failed with it."""
         s = self.settings
         owner = f"{self.worker_name}:{uuid.uuid4().hex[:12]}"
-        now = f"{time.time():.6f}"
-        claim = await self.redis.eval(
-            scripts.CLAIM,
-            4,
-            *scripts.job_keys(job_id),
-            owner,
-            s.lease_ttl_s * 1000,
-            now,
-            s.max_attempts,
-            self.worker_name,
-            s.retention_s,
-            s.stream_max_events + 64,
-            ActorResult(finish_reason="cancelled").to_json(),
-            ActorResult(finish_reason="error").to_json(),
-            s.queue,
-        )
+        claim = await self._claim(job_id, owner)
+        if claim is None:
+            return Outcome("deferred")
         verdict = claim[0].decode()
         if verdict != "claimed":
             log.info("job %s: not run (%s)", job_id, verdict)
@@ -131,6 +120,7 @@ class JobRunner:
                 status, error, error_type = JobStatus.CANCELLED, "cancelled by request", "Cancelled"
             except (ActorqError, ValueError) as exc:
                 status, error, error_type = JobStatus.FAILED, str(exc), type(exc).__name__
+            active.ending = True
             result = (
                 executor.last_result
                 if executor and executor.last_result
@@ -158,6 +148,46 @@ class JobRunner:
             return outcome
         finally:
             await self.supervisor.remove(active, ended=ended)
+
+    async def _claim(self, job_id: str, owner: str) -> list[bytes] | None:
+        """Run CLAIM, waiting out a short Redis outage; None: sent back to the queue.
+
+        A message can arrive while Redis (the job store) is away: with RabbitMQ as
+        the broker, or just as Redis went down. Failing the task would ack the
+        message and strand the job as ``queued``, so after ``claim_wait_s`` the
+        job is sent again instead.
+        """
+        s = self.settings
+        deadline = time.monotonic() + self.claim_wait_s
+        delay = 0.2
+        while True:
+            try:
+                claim: list[bytes] = await self.redis.eval(
+                    scripts.CLAIM,
+                    4,
+                    *scripts.job_keys(job_id),
+                    owner,
+                    s.lease_ttl_s * 1000,
+                    f"{time.time():.6f}",
+                    s.max_attempts,
+                    self.worker_name,
+                    s.retention_s,
+                    s.stream_max_events + 64,
+                    ActorResult(finish_reason="cancelled").to_json(),
+                    ActorResult(finish_reason="error").to_json(),
+                    s.queue,
+                )
+                return claim
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("job %s: Redis unreachable (%s); sending it again", job_id, exc)
+                    await asyncio.to_thread(self.supervisor.send_again, job_id, s.queue)
+                    return None
+                log.warning(
+                    "job %s: Redis unreachable (%s); claim retry in %.1fs", job_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _give_up(self, job_id: str) -> None:
         """This attempt lost its claim: have the job run again at once if nobody else holds it."""

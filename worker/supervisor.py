@@ -59,6 +59,7 @@ class ActiveJob:
     task: asyncio.Task[object]
     cancel_requested: bool = False
     lease_lost: bool = False
+    ending: bool = False  # writing its ending: a late cancel or lost lease must not cut that
 
 
 class Supervisor:
@@ -148,6 +149,8 @@ class Supervisor:
         results = await pipe.execute()
         for job, result in zip(jobs, results, strict=False):
             held, cancel = (int(result[0]), int(result[1])) if renew else (1, int(result))
+            if job.ending:
+                continue  # the ending itself is fenced by the lease
             if not held and not job.lease_lost:
                 job.lease_lost = True
                 log.warning("job %s: lease lost, stopping this attempt", job.job_id)
@@ -170,6 +173,10 @@ class Supervisor:
             if await self.requeue(job_id):
                 requeued += 1
         return requeued
+
+    def send_again(self, job_id: str, queue: str) -> None:
+        """Send a job's message again (blocking: call it from a thread)."""
+        self._requeue(job_id, queue)
 
     async def requeue(self, job_id: str) -> bool:
         """Send ``job_id`` again if it is running with no lease; True when this call did."""
