@@ -457,3 +457,51 @@ def test_sweep_interval_setting_is_validated(monkeypatch: pytest.MonkeyPatch) ->
         monkeypatch.setenv("ACTORQ_SWEEP_INTERVAL_S", bad)
         with pytest.raises(ValueError, match="ACTORQ_SWEEP_INTERVAL_S"):
             sweep_interval_from_env()
+
+
+def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_fails(
+    stack_env: dict[str, str],
+) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from producer import keys, scripts
+    from worker.supervisor import Supervisor
+
+    queue = f"actorq-sweep-{uuid.uuid4().hex[:6]}"
+    settings = Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue})
+    c = Client(settings)
+    job_id = c.enqueue_actor_job(scripted("lost"), "go")  # nobody consumes this queue
+    # An attempt claims it with a lease that lapses at once: its worker "died".
+    c.redis.eval(
+        scripts.CLAIM, 4, *scripts.job_keys(job_id), "gone", 1, f"{time.time()}", 3,
+        "gone-worker", 60, 1000, "{}", "{}", queue,
+    )  # fmt: skip
+    c.redis.zadd(keys.RUNNING_INDEX, {job_id: time.time() - 1})
+    time.sleep(0.01)
+    sent: list[tuple[str, str]] = []
+
+    def broker_down(job: str, q: str) -> None:
+        raise ConnectionError("broker away")
+
+    async def sweep(requeue: object) -> int:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await Supervisor(r, settings, requeue, sweep_s=1).sweep()  # type: ignore[arg-type]
+        finally:
+            await r.aclose()
+
+    try:
+        assert asyncio.run(sweep(broker_down)) == 0
+        assert c.get_status(job_id) is JobStatus.RUNNING  # undone: the next sweep retries
+        assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is not None
+        assert asyncio.run(sweep(lambda job, q: sent.append((job, q)))) == 1
+        assert sent == [(job_id, queue)]
+        assert c.get_status(job_id) is JobStatus.QUEUED
+        assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is None
+        assert asyncio.run(sweep(lambda job, q: sent.append((job, q)))) == 0  # once only
+    finally:
+        c.cancel_job(job_id)
+        c.redis.delete(queue)
+        c.close()
