@@ -21,6 +21,7 @@ _redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
 #: Broker: Redis by default (the same server as the streams); RabbitMQ with
 #: ``CELERY_BROKER_URL=amqp://...``. Streams and records always live in REDIS_URL.
 broker_url = os.environ.get("CELERY_BROKER_URL") or _redis_url
+#: A worker started before its broker waits for it instead of exiting.
 broker_connection_retry_on_startup = True
 #: Keep retrying a lost broker rather than exiting: in-flight jobs keep streaming.
 broker_connection_max_retries = None
@@ -31,8 +32,11 @@ task_ignore_result = True
 #: Off, so the stored task metadata never holds args.
 result_extended = False
 
+#: JSON only: a message is data (job id, actor name), never code (no pickle).
 task_serializer = "json"
 accept_content = ["json"]
+#: The queue producers send to and workers consume (``ACTORQ_QUEUE``); the sweeper
+#: sends a lost job back to the queue recorded when it was claimed.
 task_default_queue = os.environ.get("ACTORQ_QUEUE") or "actorq"
 task_queues = [Queue(task_default_queue)]
 task_create_missing_queues = True
@@ -96,4 +100,5 @@ worker_concurrency = _env_int("ACTORQ_CONCURRENCY", 200)
 worker_send_task_events = True
 task_send_sent_event = True
 
+#: Leave the root logger to the application (structured job logs).
 worker_hijack_root_logger = False
