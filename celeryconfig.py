@@ -26,6 +26,7 @@ broker_url = os.environ.get("CELERY_BROKER_URL") or _redis_url
 #: TLS for a ``rediss://`` broker: the same ``ACTORQ_REDIS_SSL_*`` options as the
 #: stream store, verifying the server certificate by default.
 broker_use_ssl = broker_ssl_options(broker_url, os.environ)
+#: A worker started before its broker waits for it instead of exiting.
 broker_connection_retry_on_startup = True
 #: Keep retrying a lost broker rather than exiting: in-flight jobs keep streaming.
 broker_connection_max_retries = None
@@ -36,28 +37,64 @@ task_ignore_result = True
 #: Off, so the stored task metadata never holds args.
 result_extended = False
 
+#: JSON only: a message is data (job id, actor name), never code (no pickle).
 task_serializer = "json"
 accept_content = ["json"]
+#: The queue producers send to and workers consume (``ACTORQ_QUEUE``); the sweeper
+#: sends a lost job back to the queue recorded when it was claimed.
 task_default_queue = os.environ.get("ACTORQ_QUEUE") or "actorq"
 task_queues = [Queue(task_default_queue)]
 task_create_missing_queues = True
 
-#: Ack after the job ran: a job whose worker dies is redelivered, not lost.
+# -- delivery: at least once, fenced by the job lease --------------------------------
+# A message is acked only after the job ended, so a job whose worker dies is sent
+# again rather than lost. Duplicates are harmless: the CLAIM script lets one
+# attempt hold a job's lease; a copy that arrives while it runs, or after it
+# ended, runs nothing and writes nothing.
+
+#: Ack after the job ran (not on receipt): a job whose worker dies is redelivered, not lost.
 task_acks_late = True
-#: A worker process killed mid-job puts its message back on the queue.
+#: A worker process killed mid-job puts its message back on the queue instead of
+#: acking it as failed (prefork; on the threads pool the whole worker is the process,
+#: and the broker gives the message back when its connection drops: RabbitMQ at
+#: once, Redis after ``visibility_timeout``).
 task_reject_on_worker_lost = True
-#: Take one message per free slot, so a dying worker holds few unstarted jobs.
+#: Reserve one message per free pool slot, so a dying worker holds no unstarted jobs
+#: beyond the ones it was about to run.
 worker_prefetch_multiplier = 1
 #: With acks_late, a broker connection loss means the broker will redeliver the
-#: running jobs; cancel them here so two attempts don't run (the lease fences too).
+#: running jobs; this asks Celery to cancel them so two attempts don't run. The
+#: threads pool cannot stop a running thread, so actorq's consumer (below) settles
+#: them instead: the job keeps streaming and its lease fences the redelivered copy.
+#: Set (rather than left to the default) so the choice is explicit on every Celery.
 worker_cancel_long_running_tasks_on_connection_loss = True
+#: Celery's consumer, with a reconnect that does not crash the worker when jobs are
+#: running (see worker/consumer.py): a worker survives a broker restart.
+worker_consumer = "worker.consumer:Consumer"
 
-#: Redis broker: an unacked message reappears after this many seconds. It must
-#: exceed the longest job (limits.timeout_ms is capped at 24 h); dead workers are
-#: found much sooner by the lease sweeper, which requeues their jobs itself.
-broker_transport_options = {
-    "visibility_timeout": _env_int("ACTORQ_VISIBILITY_TIMEOUT_S", 25 * 3600),
-}
+_broker_is_redis = broker_url.startswith(("redis://", "rediss://", "unix://"))
+#: Redis broker only (RabbitMQ redelivers as soon as a consumer's connection drops):
+#: - ``visibility_timeout``: an unacked message reappears after this many seconds.
+#:   It must exceed the longest job (limits.timeout_ms is capped at 24 h), or a
+#:   long job would be delivered again while it runs (harmless, but wasteful).
+#:   Dead workers are found much sooner by the lease sweeper
+#:   (``ACTORQ_SWEEP_INTERVAL_S``), which sends their jobs again itself.
+#: - ``unacked_restore_interval`` / ``unacked_restore_throttle``: how often a worker
+#:   scans for messages past their visibility timeout (every 10 s, every time).
+#: - socket options: a broker that vanishes without closing the TCP connection
+#:   (failover, NAT timeout) is noticed instead of hanging a publish forever.
+broker_transport_options = (
+    {
+        "visibility_timeout": _env_int("ACTORQ_VISIBILITY_TIMEOUT_S", 25 * 3600),
+        "unacked_restore_interval": _env_int("ACTORQ_UNACKED_RESTORE_INTERVAL_S", 10),
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+    }
+    if _broker_is_redis
+    else {}
+)
 
 #: The threads pool with one shared asyncio loop per process: one process streams
 #: hundreds of jobs at once (prefork + asyncio.run would run one per child).
@@ -68,4 +105,5 @@ worker_concurrency = _env_int("ACTORQ_CONCURRENCY", 200)
 worker_send_task_events = True
 task_send_sent_event = True
 
+#: Leave the root logger to the application (structured job logs).
 worker_hijack_root_logger = False

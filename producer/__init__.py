@@ -24,6 +24,7 @@ from .errors import (
 )
 from .schema import TERMINAL, ActorResult, Event, EventType, JobRecord, JobStatus, NodeUsage
 from .settings import Settings
+from .text import TextAssembler, final_text
 
 __all__ = [
     "TERMINAL",
@@ -44,11 +45,13 @@ __all__ = [
     "NodeUsage",
     "SecretKeyMissing",
     "Settings",
+    "TextAssembler",
     "astream_events",
     "await_result",
     "cancel_job",
     "default_client",
     "enqueue_actor_job",
+    "final_text",
     "get_result",
     "get_status",
     "set_default_client",

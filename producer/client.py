@@ -356,7 +356,7 @@ class Client:
             *scripts.job_keys(job_id),
             f"{time.time():.6f}",
             s.retention_s,
-            s.stream_max_events,
+            s.stream_max_events + 64,  # the same MAXLEN as the worker's ending: never trims
             _cancelled_result(),
         ).decode()
         if outcome == "missing":

@@ -10,7 +10,17 @@ KEYS are always: job hash, events stream, lease, cancel flag.
 
 from __future__ import annotations
 
-__all__ = ["CANCEL", "CLAIM", "CREATE", "FINISH", "PUBLISH", "RENEW", "REQUEUE", "job_keys"]
+__all__ = [
+    "CANCEL",
+    "CLAIM",
+    "CREATE",
+    "FINISH",
+    "PUBLISH",
+    "RENEW",
+    "REQUEUE",
+    "UNQUEUE",
+    "job_keys",
+]
 
 from .keys import cancel_key, events_key, job_key, lease_key
 
@@ -63,7 +73,8 @@ return {1, finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
 """
 )
 
-# ARGV: owner, lease_ms, now, max_attempts, worker, ttl, maxlen, cancelled_result, failed_result
+# ARGV: owner, lease_ms, now, max_attempts, worker, ttl, maxlen, cancelled_result, failed_result,
+# queue (recorded so a sweeper sends the job back to the queue it came from)
 # -> {'claimed', attempt} | {'missing'} | {'terminal'} | {'busy'} | {'exhausted'} | {'cancelled'}
 CLAIM = (
     _FINISH_FN
@@ -73,7 +84,11 @@ if not status then return {'missing', 0} end
 if TERMINAL[status] then return {'terminal', 0} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', 0} end
 if redis.call('EXISTS', KEYS[4]) == 1 then
-  finish('cancelled', 'cancelled before it started', 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
+  local why = 'cancelled before it started'
+  if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') > 0 then
+    why = 'cancelled by request (its last attempt was lost before it could stop)'
+  end
+  finish('cancelled', why, 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
   return {'cancelled', 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
@@ -84,10 +99,13 @@ if attempt > tonumber(ARGV[4]) then
   return {'exhausted', attempt - 1}
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[5], 'seq', 0)
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[3], 'worker', ARGV[5], 'seq', 0,
+           'queue', ARGV[10])
+redis.call('HDEL', KEYS[1], 'requeued_at')
 if attempt > 1 then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'reset', 'attempt', attempt,
-             'reason', 'attempt ' .. (attempt - 1) .. ' did not finish; its output is void')
+             'reason', 'restart',
+             'detail', 'attempt ' .. (attempt - 1) .. ' did not finish (its worker was lost); its output is void')
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'start', 'attempt', attempt,
            'worker', ARGV[5])
@@ -101,24 +119,30 @@ return {'claimed', attempt}
 # then per entry: n, k1, v1, ... Entries are numbered from first_seq; those at or
 # below the job's stored ``seq`` were written by an earlier try of this batch (a
 # pipeline cut mid-way) and are skipped, so a retried batch never doubles a token.
+# The cap is checked per entry: the stream never holds more than max_events
+# entries written here, so MAXLEN (set above the cap) never trims a live stream.
 # -> number of entries added | -1 lease lost | -2 stream cap reached
 PUBLISH = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[3]) then return -2 end
+local cap = tonumber(ARGV[3])
+local len = redis.call('XLEN', KEYS[1])
 local last = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
 local seq = tonumber(ARGV[5]) - 1
-local i, added = 6, 0
+local i, added, capped = 6, 0, false
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
   seq = seq + 1
   if seq > last then
+    if len >= cap then capped = true; seq = seq - 1; break end
     redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, i + 1, i + 2 * n))
+    len = len + 1
     added = added + 1
   end
   i = i + 1 + 2 * n
 end
 if seq > last then redis.call('HSET', KEYS[3], 'seq', seq) end
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+if capped then return -2 end
 return added
 """
 
@@ -151,11 +175,26 @@ return 'requested'
 """
 )
 
-# A job whose lease vanished while it was running: put it back to queued so one
-# sweeper (and only one) sends it again. KEYS: the usual four. -> 1 requeued | 0 not ours
+# A job whose lease vanished while it was running (its worker died, froze, or lost
+# Redis for longer than the lease): put it back to queued so one sweeper (and only
+# one: the status flips atomically) sends it again, to the queue it came from.
+# KEYS: the usual four. ARGV: now
+# -> {1, queue} send it again | {0, ''} an attempt holds it | {-1, ''} not running
 REQUEUE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
-if redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'queued')
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {-1, ''} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0, ''} end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued_at', ARGV[1])
+return {1, redis.call('HGET', KEYS[1], 'queue') or ''}
+"""
+
+# Undo a REQUEUE whose message could not be sent (broker away), so the next sweep
+# tries again. KEYS: the usual four. -> 1 restored | 0 the job moved on meanwhile
+UNQUEUE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
+if redis.call('EXISTS', KEYS[3]) == 1 or not redis.call('HGET', KEYS[1], 'requeued_at') then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('HDEL', KEYS[1], 'requeued_at')
 return 1
 """

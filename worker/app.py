@@ -6,7 +6,13 @@ import logging
 import threading
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    after_setup_logger,
+    worker_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 import celeryconfig
 from producer.schema import SCHEMA_VERSION, TASK_NAME
@@ -14,6 +20,7 @@ from producer.settings import Settings
 
 from . import logctx, metrics
 from .jobs import JobRunner
+from .loop import get_loop
 
 __all__ = ["app", "get_runner", "requeue"]
 
@@ -45,16 +52,23 @@ def _metrics_process_gone(**_: object) -> None:
     metrics.process_exited()
 
 
-def requeue(job_id: str) -> None:
-    """Send a job again (the sweeper found its worker gone)."""
+def requeue(job_id: str, queue: str = "") -> None:
+    """Send a job again (its attempt was lost), to the queue it came from."""
     app.send_task(
         TASK_NAME,
         args=[job_id, ""],
         kwargs={"v": SCHEMA_VERSION},
-        queue=app.conf.task_default_queue,
+        queue=queue or app.conf.task_default_queue,
         argsrepr=repr((job_id, "")),
         kwargsrepr="{}",
     )
+
+
+@worker_ready.connect
+def _start_supervisor(**_: object) -> None:
+    """Sweep for lost jobs from the start, not only once this worker runs a job."""
+    supervisor = get_runner().supervisor
+    get_loop().call_soon_threadsafe(supervisor.start)
 
 
 def get_runner() -> JobRunner:

@@ -8,13 +8,13 @@ a worker that lost its claim writes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import socket
 import time
 import uuid
-from collections.abc import Callable
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -33,7 +33,7 @@ from .message import decode_payload
 from .publisher import JobChannel, Publisher
 from .runtime.executor import Executor, RunEvent, create_executor
 from .runtime.scrub import scrub
-from .supervisor import ActiveJob, Supervisor
+from .supervisor import ActiveJob, Requeue, Supervisor
 
 __all__ = ["JobRunner", "Outcome"]
 
@@ -56,7 +56,7 @@ def _event_fields(event: RunEvent) -> list[str]:
 class JobRunner:
     """Per-process state shared by all jobs: Redis pool, publisher, supervisor."""
 
-    def __init__(self, settings: Settings, requeue: Callable[[str], None]) -> None:
+    def __init__(self, settings: Settings, requeue: Requeue) -> None:
         self.settings = settings
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
@@ -65,6 +65,10 @@ class JobRunner:
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=30,
+            # A Redis that vanishes without closing the socket must not hang a job.
+            socket_timeout=10,
+            socket_connect_timeout=5,
+            socket_keepalive=True,
             **settings.redis_options,
         )
         self.redis = aioredis.Redis(connection_pool=pool)
@@ -73,6 +77,11 @@ class JobRunner:
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.provider_retries = int(os.environ.get("ACTORQ_PROVIDER_RETRIES", "3"))
         self.stall_timeout_ms = int(os.environ.get("ACTORQ_STALL_TIMEOUT_MS", "120000"))
+        # How long an attempt waits for Redis to take its last entries before it gives
+        # the job up to the sweeper (by then its lease has lapsed anyway).
+        self.drain_timeout_s = max(30.0, 2.0 * settings.lease_ttl_s)
+        # How long a delivery waits for an unreachable Redis before it re-sends the job.
+        self.claim_wait_s = 30.0
 
     # -- the attempt ---------------------------------------------------------------
 
@@ -80,21 +89,9 @@ class JobRunner:
         """Run one attempt; with ``decode_error`` the claimed job ends failed with it."""
         s = self.settings
         owner = f"{self.worker_name}:{uuid.uuid4().hex[:12]}"
-        now = f"{time.time():.6f}"
-        claim = await self.redis.eval(
-            scripts.CLAIM,
-            4,
-            *scripts.job_keys(job_id),
-            owner,
-            s.lease_ttl_s * 1000,
-            now,
-            s.max_attempts,
-            self.worker_name,
-            s.retention_s,
-            s.stream_max_events + 64,
-            ActorResult(finish_reason="cancelled").to_json(),
-            ActorResult(finish_reason="error").to_json(),
-        )
+        claim = await self._claim(job_id, owner)
+        if claim is None:
+            return Outcome("deferred")
         verdict = claim[0].decode()
         if verdict != "claimed":
             log.info("job %s: not run (%s)", job_id, verdict)
@@ -110,6 +107,7 @@ class JobRunner:
         metrics.job_claimed(attempt)
         executor: Executor | None = None
         secrets: list[str] = []
+        ended = False  # False: leave the job in the running index for the sweeper
         try:
             try:
                 if decode_error is not None:
@@ -119,9 +117,11 @@ class JobRunner:
             except asyncio.CancelledError:
                 if not (active.cancel_requested or active.lease_lost):
                     raise  # the worker itself is going down: leave the job to the sweeper
+                task.uncancel()  # handled: later awaits (drain, finish) must run
                 status, error, error_type = JobStatus.CANCELLED, "cancelled by request", "Cancelled"
             except (ActorqError, ValueError) as exc:
                 status, error, error_type = JobStatus.FAILED, str(exc), type(exc).__name__
+            active.ending = True
             result = (
                 executor.last_result
                 if executor and executor.last_result
@@ -129,20 +129,75 @@ class JobRunner:
                     finish_reason="error" if status == JobStatus.FAILED else status.value
                 )
             )
-            if channel.capped:
-                status, error, error_type = (
-                    JobStatus.LIMIT_EXCEEDED,
-                    f"stream_max_events exceeded: the stream holds {s.stream_max_events} events",
-                    "LimitExceeded",
-                )
+            # Every entry of this attempt goes out before its ending, so the stream
+            # and the record's partial text agree (and nothing follows ``done``).
+            try:
+                await asyncio.wait_for(self.publisher.drain(channel), self.drain_timeout_s)
+            except TimeoutError:
+                log.error("job %s: Redis did not take its entries; left to the sweeper", job_id)
+                return Outcome("unrecorded")
+            if channel.capped:  # known only once the batches came back: after the drain
+                error = f"stream_max_events exceeded: the stream holds {s.stream_max_events} events"
+                status, error_type = JobStatus.LIMIT_EXCEEDED, "LimitExceeded"
+                result = result.model_copy(update={"finish_reason": "limit", "error": error})
             if active.lease_lost or channel.lost:
                 log.warning("job %s attempt %d: lost its lease; writing nothing", job_id, attempt)
                 metrics.job_skipped("fenced")
+                await self._give_up(job_id)
                 return Outcome("fenced")
-            return await self._finish(job_id, owner, status, error, error_type, result, secrets)
+            outcome = await self._finish(job_id, owner, status, error, error_type, result, secrets)
+            ended = outcome not in ("unrecorded", "fenced")
+            return outcome
         finally:
             metrics.job_released()
-            await self.supervisor.remove(active)
+            await self.supervisor.remove(active, ended=ended)
+
+    async def _claim(self, job_id: str, owner: str) -> list[bytes] | None:
+        """Run CLAIM, waiting out a short Redis outage; None: sent back to the queue.
+
+        A message can arrive while Redis (the job store) is away: with RabbitMQ as
+        the broker, or just as Redis went down. Failing the task would ack the
+        message and strand the job as ``queued``, so after ``claim_wait_s`` the
+        job is sent again instead.
+        """
+        s = self.settings
+        deadline = time.monotonic() + self.claim_wait_s
+        delay = 0.2
+        while True:
+            try:
+                claim: list[bytes] = await self.redis.eval(
+                    scripts.CLAIM,
+                    4,
+                    *scripts.job_keys(job_id),
+                    owner,
+                    s.lease_ttl_s * 1000,
+                    f"{time.time():.6f}",
+                    s.max_attempts,
+                    self.worker_name,
+                    s.retention_s,
+                    s.stream_max_events + 64,
+                    ActorResult(finish_reason="cancelled").to_json(),
+                    ActorResult(finish_reason="error").to_json(),
+                    s.queue,
+                )
+                return claim
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                if time.monotonic() + delay > deadline:
+                    log.error("job %s: Redis unreachable (%s); sending it again", job_id, exc)
+                    await asyncio.to_thread(self.supervisor.send_again, job_id, s.queue)
+                    return None
+                log.warning(
+                    "job %s: Redis unreachable (%s); claim retry in %.1fs", job_id, exc, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _give_up(self, job_id: str) -> None:
+        """This attempt lost its claim: have the job run again at once if nobody else holds it."""
+        try:
+            await self.supervisor.requeue(job_id)
+        except Exception as exc:  # Redis away: the sweeper finds it later
+            log.warning("job %s: could not requeue it (%s); the sweeper will", job_id, exc)
 
     async def _load(self, job_id: str) -> tuple[Executor, str, list[str]]:
         raw = await self.redis.hget(keys.job_key(job_id), "payload")
@@ -166,23 +221,35 @@ class JobRunner:
     async def _execute(
         self, executor: Executor, message: str, channel: JobChannel, attempt: int
     ) -> tuple[JobStatus, str | None, str | None]:
+        """Run the actor, retrying retryable provider errors with backoff and jitter.
+
+        A retry whose failed try already published entries first publishes a
+        ``reset`` (reason ``retry``), so readers drop that try's text.
+        """
         tries = 0
         while True:
-            published_before = channel.published + len(channel.pending)
+            emitted = 0
             try:
-                async for event in executor.events(message):
-                    self.publisher.publish(channel, _event_fields(event))
-                    if channel.stopped:
-                        break
-                await self.publisher.drain(channel)
+                # aclosing: leaving early (stream cap, lease lost) closes the model's stream now.
+                stream = executor.events(message)
+                async with contextlib.aclosing(stream) as events:
+                    async for event in events:
+                        self.publisher.publish(channel, _event_fields(event))
+                        emitted += 1
+                        if channel.stopped:
+                            break
                 return JobStatus.SUCCEEDED, None, None
             except LimitExceeded as exc:
-                await self.publisher.drain(channel)
                 status = JobStatus.TIMED_OUT if exc.timed_out else JobStatus.LIMIT_EXCEEDED
                 return status, str(exc), type(exc).__name__
             except ProviderError as exc:
                 if not exc.retryable or tries >= self.provider_retries:
-                    await self.publisher.drain(channel)
+                    if exc.retryable:
+                        return (
+                            JobStatus.FAILED,
+                            f"gave up after {tries + 1} tries: {exc}",
+                            type(exc).__name__,
+                        )
                     return JobStatus.FAILED, str(exc), type(exc).__name__
                 tries += 1
                 metrics.provider_retry()
@@ -195,7 +262,7 @@ class JobRunner:
                     exc,
                 )
                 await asyncio.sleep(delay)
-                if channel.published + len(channel.pending) > published_before:
+                if emitted:
                     self.publisher.publish(
                         channel,
                         [
@@ -203,9 +270,11 @@ class JobRunner:
                             "reset",
                             "attempt",
                             str(attempt),
+                            "reason",
+                            "retry",
                             "retry",
                             str(tries),
-                            "reason",
+                            "detail",
                             f"provider error, retrying: {exc}"[:500],
                         ],
                     )
@@ -247,8 +316,11 @@ class JobRunner:
             log.error("job %s: Redis unreachable; the sweeper will requeue it", job_id)
             return Outcome("unrecorded")
         if int(done[0]) != 1:
-            log.warning("job %s: ending not written (%s)", job_id, done[1].decode())
-            return Outcome(done[1].decode())
+            verdict = done[1].decode()
+            log.warning("job %s: ending not written (%s)", job_id, verdict)
+            if verdict == "fenced":  # the lease lapsed just before the end
+                await self._give_up(job_id)
+            return Outcome(verdict)
         log.info("job %s: %s", job_id, status.value)
         metrics.job_ended(status.value, result.time_to_first_token_ms, result.duration_ms)
         return Outcome(status.value)

@@ -4,9 +4,13 @@
   for all jobs) and cancels the job's asyncio task when one is set.
 - Every ``lease_ttl / 3`` it renews each lease; a lease found lost stops its job
   at once (another attempt owns it).
-- Every ``sweep_s`` it looks for running jobs whose lease expired (their worker
-  died) and puts them back on the queue, so a dead worker's jobs run again in
-  well under a minute instead of after the broker's visibility timeout.
+- Every ``sweep_s`` (``ACTORQ_SWEEP_INTERVAL_S``, default 5) it looks for running
+  jobs whose lease expired (their worker died, froze, or lost Redis for longer
+  than the lease) and sends them again to the queue they came from, so a dead
+  worker's jobs run again within ``lease_ttl + sweep_s`` (20 s by default)
+  instead of after the broker's visibility timeout.
+
+It starts with the worker (not with its first job), so an idle worker sweeps too.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +29,25 @@ import redis.asyncio as aioredis
 from producer import keys, scripts
 from producer.settings import Settings
 
-__all__ = ["ActiveJob", "Supervisor"]
+__all__ = ["ActiveJob", "Requeue", "Supervisor", "sweep_interval_from_env"]
+
+#: Sends a job again: ``requeue(job_id, queue)``; ``queue`` is ``""`` when unknown.
+Requeue = Callable[[str, str], None]
+
+
+def sweep_interval_from_env() -> float:
+    """``ACTORQ_SWEEP_INTERVAL_S`` (seconds, may be fractional; default 5)."""
+    raw = os.environ.get("ACTORQ_SWEEP_INTERVAL_S", "").strip()
+    if not raw:
+        return 5.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"ACTORQ_SWEEP_INTERVAL_S must be a number, got {raw!r}") from None
+    if not 0 < value <= 3600:
+        raise ValueError(f"ACTORQ_SWEEP_INTERVAL_S must be in (0, 3600], got {value}")
+    return value
+
 
 log = logging.getLogger("actorq.supervisor")
 
@@ -36,6 +59,7 @@ class ActiveJob:
     task: asyncio.Task[object]
     cancel_requested: bool = False
     lease_lost: bool = False
+    ending: bool = False  # writing its ending: a late cancel or lost lease must not cut that
 
 
 class Supervisor:
@@ -43,35 +67,41 @@ class Supervisor:
         self,
         redis: aioredis.Redis,
         settings: Settings,
-        requeue: Callable[[str], None],
+        requeue: Requeue,
         *,
         poll_s: float = 0.25,
-        sweep_s: float = 5.0,
+        sweep_s: float | None = None,
     ) -> None:
         self._redis = redis
         self._settings = settings
         self._requeue = requeue
         self._poll_s = poll_s
-        self._sweep_s = sweep_s
+        self._sweep_s = sweep_interval_from_env() if sweep_s is None else sweep_s
         self._jobs: dict[str, ActiveJob] = {}
         self._runner: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
         return len(self._jobs)
 
-    async def add(self, job: ActiveJob) -> None:
-        self._jobs[job.job_id] = job
-        await self._redis.zadd(
-            keys.RUNNING_INDEX, {job.job_id: time.time() + self._settings.lease_ttl_s}
-        )
+    def start(self) -> None:
+        """Start the housekeeping task on the running loop (idempotent)."""
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
 
-    async def remove(self, job: ActiveJob) -> None:
+    async def add(self, job: ActiveJob) -> None:
+        self._jobs[job.job_id] = job
+        self.start()
+        await self._redis.zadd(
+            keys.RUNNING_INDEX, {job.job_id: time.time() + self._settings.lease_ttl_s}
+        )
+
+    async def remove(self, job: ActiveJob, *, ended: bool = True) -> None:
+        """Forget ``job``; with ``ended=False`` its index entry stays for the sweeper."""
         if self._jobs.get(job.job_id) is job:
             del self._jobs[job.job_id]
-        with contextlib.suppress(Exception):
-            await self._redis.zrem(keys.RUNNING_INDEX, job.job_id)
+        if ended:
+            with contextlib.suppress(Exception):
+                await self._redis.zrem(keys.RUNNING_INDEX, job.job_id)
 
     async def _run(self) -> None:
         last_renew = last_sweep = time.monotonic()
@@ -112,12 +142,15 @@ class Supervisor:
                 )
             else:
                 pipe.exists(keys.cancel_key(job.job_id))
-        if renew:
+        held_jobs = [j for j in jobs if not j.lease_lost]
+        if renew and held_jobs:
             deadline = time.time() + s.lease_ttl_s
-            pipe.zadd(keys.RUNNING_INDEX, {j.job_id: deadline for j in jobs})
+            pipe.zadd(keys.RUNNING_INDEX, {j.job_id: deadline for j in held_jobs})
         results = await pipe.execute()
         for job, result in zip(jobs, results, strict=False):
             held, cancel = (int(result[0]), int(result[1])) if renew else (1, int(result))
+            if job.ending:
+                continue  # the ending itself is fenced by the lease
             if not held and not job.lease_lost:
                 job.lease_lost = True
                 log.warning("job %s: lease lost, stopping this attempt", job.job_id)
@@ -127,7 +160,7 @@ class Supervisor:
                 job.task.cancel()
 
     async def sweep(self) -> int:
-        """Requeue running jobs whose lease expired; return how many."""
+        """Send again the running jobs whose lease expired; return how many."""
         now = time.time()
         stale: Any = await self._redis.zrangebyscore(
             keys.RUNNING_INDEX, "-inf", now, start=0, num=100
@@ -137,10 +170,31 @@ class Supervisor:
             job_id = raw.decode()
             if job_id in self._jobs:
                 continue
-            got = await self._redis.eval(scripts.REQUEUE, 4, *scripts.job_keys(job_id))
-            await self._redis.zrem(keys.RUNNING_INDEX, job_id)
-            if got:
-                log.warning("job %s: its worker vanished; requeued", job_id)
-                await asyncio.to_thread(self._requeue, job_id)
+            if await self.requeue(job_id):
                 requeued += 1
         return requeued
+
+    def send_again(self, job_id: str, queue: str) -> None:
+        """Send a job's message again (blocking: call it from a thread)."""
+        self._requeue(job_id, queue)
+
+    async def requeue(self, job_id: str) -> bool:
+        """Send ``job_id`` again if it is running with no lease; True when this call did."""
+        code, raw_queue = await self._redis.eval(
+            scripts.REQUEUE, 4, *scripts.job_keys(job_id), f"{time.time():.6f}"
+        )
+        if int(code) == 0:
+            return False  # an attempt holds its lease: its renewals keep the index fresh
+        await self._redis.zrem(keys.RUNNING_INDEX, job_id)
+        if int(code) < 0:
+            return False  # ended, or already queued again
+        queue = raw_queue.decode() if isinstance(raw_queue, bytes) else str(raw_queue)
+        try:
+            await asyncio.to_thread(self._requeue, job_id, queue)
+        except Exception as exc:  # broker away: undo, so the next sweep tries again
+            log.warning("job %s: could not send it again (%s); will retry", job_id, exc)
+            await self._redis.eval(scripts.UNQUEUE, 4, *scripts.job_keys(job_id))
+            await self._redis.zadd(keys.RUNNING_INDEX, {job_id: time.time()})
+            return False
+        log.warning("job %s: its attempt was lost (worker gone or lease lapsed); requeued", job_id)
+        return True

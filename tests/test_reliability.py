@@ -1,0 +1,507 @@
+"""Reliability on one pool of real workers: duplicates, cancellation, time limits,
+provider retries, idempotency and the stream cap.
+
+The pool has its own queue and short lease / sweep settings so lost attempts are
+found within seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from ops.stack import WorkerProcess
+from producer import CancelOutcome, Client, JobStatus, Settings, TextAssembler, final_text
+from producer.schema import Event
+from tests.conftest import WorkerFactory
+from tests.helpers import scripted
+from tests.openai_server import FakeOpenAI, Reply
+from tests.reliab_support import (
+    check_one_ending,
+    log_count,
+    openai_llm,
+    read_events,
+    send_duplicate,
+    summary,
+    tokens_seen,
+    wait_until,
+    worker_of,
+)
+
+WORDS = " ".join(f"w{i}" for i in range(40))
+
+
+@dataclass
+class Pool:
+    client: Client
+    workers: list[WorkerProcess]
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def pool(stack_env: dict[str, str], start_worker: WorkerFactory) -> Iterator[Pool]:
+    tag = uuid.uuid4().hex[:6]
+    env = {
+        "ACTORQ_QUEUE": f"actorq-rel-{tag}",
+        "ACTORQ_LEASE_TTL_S": "3",
+        "ACTORQ_SWEEP_INTERVAL_S": "0.5",
+        "ACTORQ_PROVIDER_RETRIES": "2",
+        "ACTORQ_STREAM_MAX_EVENTS": "200",
+    }
+    workers = [start_worker(f"rel{i}-{tag}", env=env, wait=False) for i in range(2)]
+    for w in workers:
+        w.wait_ready(stack_env["REDIS_URL"], timeout=60)
+    client = Client(Settings.from_env({**stack_env, **env}))
+    try:
+        yield Pool(client, workers, {**stack_env, **env})
+    finally:
+        client.redis.delete(client.settings.queue)
+        client.close()
+        for w in workers:
+            w.stop(timeout=10)
+
+
+def _events(pool: Pool, job_id: str, timeout: float = 30) -> list[Event]:
+    return list(pool.client.stream_events(job_id, timeout=timeout))
+
+
+# -- the text helper ---------------------------------------------------------------
+
+
+def test_text_assembler_drops_everything_before_a_reset() -> None:
+    def ev(i: int, type_: str, **fields: str) -> Event:
+        return Event(id=f"1-{i}", type=type_, fields=fields)
+
+    events = [
+        ev(0, "start", attempt="1"),
+        ev(1, "token", text="Hel"),
+        ev(2, "token", text="lo"),
+        ev(3, "reset", attempt="1", reason="retry", retry="1"),
+        ev(4, "token", text="Hi"),
+        ev(5, "reset", attempt="2", reason="restart"),
+        ev(6, "start", attempt="2"),
+        ev(7, "token", text="Hello"),
+        ev(8, "token", text=" world"),
+        ev(9, "done", status="succeeded", attempt="2"),
+    ]
+    assembler = TextAssembler()
+    for e in events:
+        assembler.feed(e)
+    assert assembler.text == final_text(events) == "Hello world"
+    assert assembler.resets == 2 and assembler.attempt == 2
+    assert assembler.done and assembler.status is JobStatus.SUCCEEDED
+    assert final_text(events[:3]) == "Hello"
+    assert final_text([]) == ""
+
+
+# -- duplicates ----------------------------------------------------------------------
+
+
+def test_duplicate_delivery_while_running_gives_one_stream_and_one_ending(pool: Pool) -> None:
+    c = pool.client
+    job_id = c.enqueue_actor_job(scripted(WORDS, token_delay_ms=40), "go")
+    wait_until(lambda: tokens_seen(c, job_id, 2), 20, "the job to stream")
+    for _ in range(2):
+        send_duplicate(c, job_id)
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert [e.type for e in events].count("start") == 1
+    assert "".join(e.text for e in events if e.type == "token") == WORDS
+    assert record is not None and record.status is JobStatus.SUCCEEDED and record.attempt == 1
+    wait_until(
+        lambda: log_count(pool.workers, f"job {job_id}: not run (") >= 2,
+        20,
+        "both duplicates to be refused",
+    )
+
+
+def test_duplicate_after_the_end_writes_nothing(pool: Pool) -> None:
+    c = pool.client
+    job_id = c.enqueue_actor_job(scripted("short reply"), "go")
+    record = c.wait_result(job_id, timeout=30)
+    before = (
+        c.redis.xrange(f"actorq:job:{{{job_id}}}:events"),
+        c.redis.hgetall(f"actorq:job:{{{job_id}}}"),
+    )
+    for _ in range(2):
+        send_duplicate(c, job_id)
+    wait_until(
+        lambda: log_count(pool.workers, f"job {job_id}: not run (terminal)") >= 2,
+        20,
+        "both duplicates to be refused",
+    )
+    after = (
+        c.redis.xrange(f"actorq:job:{{{job_id}}}:events"),
+        c.redis.hgetall(f"actorq:job:{{{job_id}}}"),
+    )
+    assert after == before
+    assert c.get_result(job_id) == record
+
+
+# -- cancellation ----------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job_it_never_starts(pool: Pool, stack_env: dict[str, str]) -> None:
+    idle_queue = f"{pool.env['ACTORQ_QUEUE']}-idle"
+    idle = Client(Settings.from_env({**pool.env, "ACTORQ_QUEUE": idle_queue}))
+    try:
+        job_id = idle.enqueue_actor_job(scripted("never"), "go")
+        assert idle.get_status(job_id) is JobStatus.QUEUED
+        assert idle.cancel_job(job_id) is CancelOutcome.CANCELLED
+        assert idle.cancel_job(job_id) is CancelOutcome.FINISHED
+        record = idle.get_result(job_id)
+        assert record is not None and record.status is JobStatus.CANCELLED
+        assert record.error_type == "Cancelled"
+        # Now the message reaches a worker: it must not start the job.
+        names = [f"{w.name}@{os.uname().nodename}" for w in pool.workers]
+        idle.celery.control.add_consumer(idle_queue, destination=names, reply=True, timeout=5)
+        try:
+            wait_until(
+                lambda: log_count(pool.workers, f"job {job_id}: not run (terminal)") >= 1,
+                20,
+                "the cancelled job's message to be consumed",
+            )
+        finally:
+            idle.celery.control.cancel_consumer(
+                idle_queue, destination=names, reply=True, timeout=5
+            )
+        events = read_events(idle, job_id)
+        assert [e.type for e in events] == ["done"]
+        assert events[0].fields["status"] == "cancelled"
+    finally:
+        idle.redis.delete(idle_queue)
+        idle.close()
+
+
+def test_cancel_running_jobs_stops_them_closes_the_http_stream_and_keeps_usage(
+    pool: Pool, openai_server: FakeOpenAI
+) -> None:
+    c = pool.client
+    model = openai_server.script(
+        f"slow-{uuid.uuid4().hex[:6]}", Reply(text=WORDS * 5, chunk_delay_s=0.05)
+    )
+    jobs = [
+        c.enqueue_actor_job(openai_llm(openai_server.base_url, model), f"go {i}") for i in range(6)
+    ]
+    for job_id in jobs:
+        wait_until(lambda j=job_id: tokens_seen(c, j, 3), 30, "the job to stream")
+    latencies = []
+    for i, job_id in enumerate(jobs):
+        cursor = read_events(c, job_id)[-1].id
+        started = time.monotonic()
+        assert c.cancel_job(job_id) is CancelOutcome.REQUESTED
+        if i == 0:  # asking twice is harmless and says so
+            assert c.cancel_job(job_id) in (CancelOutcome.ALREADY_REQUESTED, CancelOutcome.FINISHED)
+        for event in c.stream_events(job_id, after=cursor, timeout=15):
+            if event.terminal:
+                latencies.append(time.monotonic() - started)
+    print("\n" + summary("cancel latency (cancel_job -> done entry seen)", latencies))
+    assert len(latencies) == len(jobs)
+    wait_until(
+        lambda: openai_server.closed_early.count(model) >= len(jobs),
+        10,
+        "the model's HTTP streams to be closed",
+    )
+    for job_id in jobs:
+        events = read_events(c, job_id)
+        record = c.get_result(job_id)
+        check_one_ending(events, record)
+        assert record is not None and record.status is JobStatus.CANCELLED
+        assert record.result is not None
+        streamed = final_text(events)
+        assert 0 < len(streamed) < len(WORDS * 5)
+        assert record.result.text == streamed  # the partial result is what was streamed
+        assert record.result.finish_reason == "cancelled"
+        assert record.result.model_calls == 1
+        assert record.result.output_tokens > 0
+        assert c.cancel_job(job_id) is CancelOutcome.FINISHED
+
+
+# -- time limits ----------------------------------------------------------------------
+
+
+def test_timeout_and_stall_end_timed_out(pool: Pool, openai_server: FakeOpenAI) -> None:
+    c = pool.client
+    slow = openai_server.script(
+        f"slow-{uuid.uuid4().hex[:6]}", Reply(text=WORDS, chunk_delay_s=0.1)
+    )
+    stall = openai_server.script(
+        f"stall-{uuid.uuid4().hex[:6]}", Reply(text=WORDS, chunk_delay_s=1.5)
+    )
+    timed = c.enqueue_actor_job(
+        openai_llm(openai_server.base_url, slow), "go", limits={"timeout_ms": 700}
+    )
+    stalled = c.enqueue_actor_job(
+        openai_llm(openai_server.base_url, stall), "go", limits={"stall_timeout_ms": 500}
+    )
+    for job_id, limit in ((timed, "timeout_ms"), (stalled, "stall_timeout_ms")):
+        events = _events(pool, job_id)
+        record = c.get_result(job_id)
+        check_one_ending(events, record)
+        assert record is not None and record.status is JobStatus.TIMED_OUT, record
+        assert record.error is not None and limit in record.error
+        assert record.result is not None and record.result.text == final_text(events)
+        assert record.result.text  # the partial text so far is kept
+    wait_until(
+        lambda: slow in openai_server.closed_early and stall in openai_server.closed_early,
+        15,
+        "the timed-out HTTP streams to be closed",
+    )
+
+
+# -- provider errors ---------------------------------------------------------------------
+
+
+def test_rate_limit_then_success_retries_without_a_reset(
+    pool: Pool, openai_server: FakeOpenAI
+) -> None:
+    c = pool.client
+    model = openai_server.script(
+        f"r429-{uuid.uuid4().hex[:6]}",
+        Reply(status=429, error_message="slow down"),
+        Reply(text=WORDS),
+    )
+    job_id = c.enqueue_actor_job(openai_llm(openai_server.base_url, model), "go")
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.SUCCEEDED
+    assert len(openai_server.calls(model)) == 2
+    assert "reset" not in [e.type for e in events]  # no token was out: nothing to void
+    assert final_text(events) == WORDS
+
+
+def test_stream_cut_mid_body_retries_with_one_reset(pool: Pool, openai_server: FakeOpenAI) -> None:
+    c = pool.client
+    model = openai_server.script(
+        f"cut-{uuid.uuid4().hex[:6]}", Reply(text=WORDS, cut_after=5), Reply(text=WORDS)
+    )
+    job_id = c.enqueue_actor_job(openai_llm(openai_server.base_url, model), "go")
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.SUCCEEDED
+    resets = [e for e in events if e.type == "reset"]
+    assert len(resets) == 1 and resets[0].fields["reason"] == "retry"
+    assert resets[0].fields["attempt"] == "1" and resets[0].fields["retry"] == "1"
+    before = [e.text for e in events[: events.index(resets[0])] if e.type == "token"]
+    assert "".join(before) == " ".join(WORDS.split()[:5])  # the void partial text
+    assert final_text(events) == record.result.text == WORDS  # type: ignore[union-attr]
+
+
+def test_auth_error_fails_at_once_without_leaking_the_key(
+    pool: Pool, openai_server: FakeOpenAI
+) -> None:
+    c = pool.client
+    key = f"sk-test-{uuid.uuid4().hex}"
+    model = openai_server.script(f"r401-{uuid.uuid4().hex[:6]}", Reply(status=401, echo_key=True))
+    job_id = c.enqueue_actor_job(
+        openai_llm(openai_server.base_url, model), "go", credentials={"openai": {"api_key": key}}
+    )
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.FAILED
+    assert len(openai_server.calls(model)) == 1  # not retried
+    assert record.error is not None and "401" in record.error
+    assert key not in record.error and key not in str(events)
+
+
+def test_server_errors_exhaust_the_provider_retries(pool: Pool, openai_server: FakeOpenAI) -> None:
+    c = pool.client
+    model = openai_server.script(f"r500-{uuid.uuid4().hex[:6]}", Reply(status=500))
+    job_id = c.enqueue_actor_job(openai_llm(openai_server.base_url, model), "go")
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.FAILED
+    assert len(openai_server.calls(model)) == 3  # ACTORQ_PROVIDER_RETRIES=2: three tries
+    assert record.error is not None and "gave up after 3 tries" in record.error
+
+
+# -- idempotency and the stream cap --------------------------------------------------------
+
+
+def test_idempotency_key_returns_the_same_job_and_enqueues_once(pool: Pool) -> None:
+    c = pool.client
+    key = f"order-{uuid.uuid4().hex}"
+    first = c.enqueue_actor_job(scripted("once"), "go", idempotency_key=key)
+    again = c.enqueue_actor_job(scripted("once"), "go", idempotency_key=key)
+    assert again == first
+    c.wait_result(first, timeout=30)
+    after_end = c.enqueue_actor_job(scripted("once"), "go", idempotency_key=key)
+    assert after_end == first
+    other = c.enqueue_actor_job(scripted("twice"), "go", idempotency_key=key + "-b")
+    assert other != first
+    assert c.wait_result(other, timeout=30).status is JobStatus.SUCCEEDED
+    events = read_events(c, first)
+    assert [e.type for e in events].count("start") == 1
+    assert log_count(pool.workers, f"job {first}: not run (") == 0  # sent once
+
+
+def test_stream_cap_ends_limit_exceeded_and_trims_nothing(pool: Pool) -> None:
+    c = pool.client
+    words = " ".join(f"t{i}" for i in range(400))
+    job_id = c.enqueue_actor_job(scripted(words), "go")
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.LIMIT_EXCEEDED
+    assert record.error is not None and "stream_max_events" in record.error
+    assert len(events) == 201  # the cap (200) plus the ending
+    assert events[0].type == "start"  # nothing trimmed from the front
+    tokens = [e.text for e in events if e.type == "token"]
+    assert "".join(tokens) == " ".join(words.split()[:199])
+    assert record.result is not None and record.result.finish_reason == "limit"
+
+
+# -- a worker that lost its claim ---------------------------------------------------------
+
+
+def test_frozen_worker_loses_its_claim_and_publishes_nothing_more(pool: Pool) -> None:
+    c = pool.client
+    reply = " ".join(f"f{i}" for i in range(60))
+    job_id = c.enqueue_actor_job(scripted(reply, token_delay_ms=50), "go")
+    events = wait_until(lambda: tokens_seen(c, job_id, 5), 20, "the job to stream")
+    frozen = worker_of(events[0], pool.workers)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        wait_until(
+            lambda: (
+                c.redis.hget(f"actorq:job:{{{job_id}}}", "status") != b"running"
+                or c.redis.hget(f"actorq:job:{{{job_id}}}", "attempt") == b"2"
+            ),
+            20,
+            "the sweeper to requeue the frozen worker's job",
+        )
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.SUCCEEDED and record.attempt == 2
+    types = [e.type for e in events]
+    assert types.count("reset") == 1 and types.count("start") == 2
+    reset = events[types.index("reset")]
+    assert reset.fields["reason"] == "restart" and reset.fields["attempt"] == "2"
+    after = [e.text for e in events[types.index("reset") :] if e.type == "token"]
+    assert "".join(after) == reply  # not one token of the old attempt after the reset
+    assert final_text(events) == record.result.text == reply  # type: ignore[union-attr]
+    wait_until(
+        lambda: log_count([frozen], f"job {job_id}") and log_count([frozen], "lost its lease"),
+        15,
+        "the frozen worker to notice it lost the job",
+    )
+
+
+def test_cancel_a_job_whose_worker_froze_ends_cancelled_once(pool: Pool) -> None:
+    c = pool.client
+    job_id = c.enqueue_actor_job(scripted(WORDS, token_delay_ms=50), "go")
+    events = wait_until(lambda: tokens_seen(c, job_id, 3), 20, "the job to stream")
+    frozen = worker_of(events[0], pool.workers)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        assert c.cancel_job(job_id) is CancelOutcome.REQUESTED
+        # Its worker can't see the flag: the sweeper requeues the job once the lease
+        # lapses, and the claim finds the flag and ends it.
+        wait_until(
+            lambda: c.redis.hget(f"actorq:job:{{{job_id}}}", "status") != b"running",
+            20,
+            "the sweeper to pick up the frozen worker's job",
+        )
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.CANCELLED
+    assert record.error is not None and "lost before it could stop" in record.error
+    assert [e.type for e in events].count("start") == 1
+    time.sleep(1.0)  # the thawed worker must not write after the ending
+    assert read_events(c, job_id) == events
+
+
+def test_concurrent_enqueues_with_one_idempotency_key_make_one_job(pool: Pool) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    c = pool.client
+    key = f"race-{uuid.uuid4().hex}"
+    with ThreadPoolExecutor(8) as ex:
+        ids = list(
+            ex.map(
+                lambda _: c.enqueue_actor_job(scripted("raced"), "go", idempotency_key=key),
+                range(16),
+            )
+        )
+    assert len(set(ids)) == 1
+    record = c.wait_result(ids[0], timeout=30)
+    assert record.status is JobStatus.SUCCEEDED
+    assert [e.type for e in read_events(c, ids[0])].count("start") == 1
+
+
+def test_sweep_interval_setting_is_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.supervisor import sweep_interval_from_env
+
+    monkeypatch.delenv("ACTORQ_SWEEP_INTERVAL_S", raising=False)
+    assert sweep_interval_from_env() == 5.0
+    monkeypatch.setenv("ACTORQ_SWEEP_INTERVAL_S", "0.5")
+    assert sweep_interval_from_env() == 0.5
+    for bad in ("soon", "0", "-1", "99999"):
+        monkeypatch.setenv("ACTORQ_SWEEP_INTERVAL_S", bad)
+        with pytest.raises(ValueError, match="ACTORQ_SWEEP_INTERVAL_S"):
+            sweep_interval_from_env()
+
+
+def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_fails(
+    stack_env: dict[str, str],
+) -> None:
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from producer import keys, scripts
+    from worker.supervisor import Supervisor
+
+    queue = f"actorq-sweep-{uuid.uuid4().hex[:6]}"
+    settings = Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue})
+    c = Client(settings)
+    job_id = c.enqueue_actor_job(scripted("lost"), "go")  # nobody consumes this queue
+    # An attempt claims it with a lease that lapses at once: its worker "died".
+    c.redis.eval(
+        scripts.CLAIM, 4, *scripts.job_keys(job_id), "gone", 1, f"{time.time()}", 3,
+        "gone-worker", 60, 1000, "{}", "{}", queue,
+    )  # fmt: skip
+    c.redis.zadd(keys.RUNNING_INDEX, {job_id: time.time() - 1})
+    time.sleep(0.01)
+    sent: list[tuple[str, str]] = []
+
+    def broker_down(job: str, q: str) -> None:
+        raise ConnectionError("broker away")
+
+    async def sweep(requeue: object) -> int:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            return await Supervisor(r, settings, requeue, sweep_s=1).sweep()  # type: ignore[arg-type]
+        finally:
+            await r.aclose()
+
+    try:
+        assert asyncio.run(sweep(broker_down)) == 0
+        assert c.get_status(job_id) is JobStatus.RUNNING  # undone: the next sweep retries
+        assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is not None
+        assert asyncio.run(sweep(lambda job, q: sent.append((job, q)))) == 1
+        assert sent == [(job_id, queue)]
+        assert c.get_status(job_id) is JobStatus.QUEUED
+        assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is None
+        assert asyncio.run(sweep(lambda job, q: sent.append((job, q)))) == 0  # once only
+    finally:
+        c.cancel_job(job_id)
+        c.redis.delete(queue)
+        c.close()
