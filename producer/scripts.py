@@ -184,7 +184,7 @@ REQUEUE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {-1, ''} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {0, ''} end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued_at', ARGV[1])
-return {1, redis.call('HGET', KEYS[1], 'queue') or ''}
+return {1, redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'actor') or ''}
 """
 
 # Undo a REQUEUE whose message could not be sent (broker away), so the next sweep

@@ -221,6 +221,7 @@ def test_cancel_running_jobs_stops_them_closes_the_http_stream_and_keeps_usage(
         assert record.result.finish_reason == "cancelled"
         assert record.result.model_calls == 1
         assert record.result.output_tokens > 0
+        assert record.result.input_tokens > 0  # the prompt was sent, so it counts
         assert c.cancel_job(job_id) is CancelOutcome.FINISHED
 
 

@@ -52,14 +52,14 @@ def _metrics_process_gone(**_: object) -> None:
     metrics.process_exited()
 
 
-def requeue(job_id: str, queue: str = "") -> None:
+def requeue(job_id: str, queue: str = "", actor: str = "") -> None:
     """Send a job again (its attempt was lost), to the queue it came from."""
     app.send_task(
         TASK_NAME,
-        args=[job_id, ""],
+        args=[job_id, actor],
         kwargs={"v": SCHEMA_VERSION},
         queue=queue or app.conf.task_default_queue,
-        argsrepr=repr((job_id, "")),
+        argsrepr=repr((job_id, actor)),
         kwargsrepr="{}",
     )
 

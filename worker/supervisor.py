@@ -32,7 +32,8 @@ from producer.settings import Settings
 __all__ = ["ActiveJob", "Requeue", "Supervisor", "sweep_interval_from_env"]
 
 #: Sends a job again: ``requeue(job_id, queue)``; ``queue`` is ``""`` when unknown.
-Requeue = Callable[[str, str], None]
+#: ``requeue(job_id, queue, actor)`` sends a job's message again.
+Requeue = Callable[[str, str, str], None]
 
 
 def sweep_interval_from_env() -> float:
@@ -174,13 +175,13 @@ class Supervisor:
                 requeued += 1
         return requeued
 
-    def send_again(self, job_id: str, queue: str) -> None:
+    def send_again(self, job_id: str, queue: str, actor: str = "") -> None:
         """Send a job's message again (blocking: call it from a thread)."""
-        self._requeue(job_id, queue)
+        self._requeue(job_id, queue, actor)
 
     async def requeue(self, job_id: str) -> bool:
         """Send ``job_id`` again if it is running with no lease; True when this call did."""
-        code, raw_queue = await self._redis.eval(
+        code, raw_queue, raw_actor = await self._redis.eval(
             scripts.REQUEUE, 4, *scripts.job_keys(job_id), f"{time.time():.6f}"
         )
         if int(code) == 0:
@@ -188,9 +189,11 @@ class Supervisor:
         await self._redis.zrem(keys.RUNNING_INDEX, job_id)
         if int(code) < 0:
             return False  # ended, or already queued again
-        queue = raw_queue.decode() if isinstance(raw_queue, bytes) else str(raw_queue)
+        queue, actor = (
+            v.decode() if isinstance(v, bytes) else str(v) for v in (raw_queue, raw_actor)
+        )
         try:
-            await asyncio.to_thread(self._requeue, job_id, queue)
+            await asyncio.to_thread(self._requeue, job_id, queue, actor)
         except Exception as exc:  # broker away: undo, so the next sweep tries again
             log.warning("job %s: could not send it again (%s); will retry", job_id, exc)
             await self._redis.eval(scripts.UNQUEUE, 4, *scripts.job_keys(job_id))
