@@ -23,7 +23,6 @@ that blocks ``/metrics`` (see the README).
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
 import time
@@ -33,12 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from producer.schema import parse_task_args
+
 __all__ = [
     "FlowerConfigError",
     "FlowerOptions",
     "flower_command",
     "format_task",
-    "job_of_task",
 ]
 
 _TRUE = ("1", "true", "yes", "on")
@@ -147,20 +147,6 @@ _down_until = 0.0  # after a Redis error, skip lookups for a while: pages stay f
 _EXTRA_FIELDS = ("job_id", "actor", "job_status", "attempt")
 
 
-def job_of_task(args: object) -> tuple[str, str] | None:
-    """Job id and actor from a task's ``args`` as Flower holds them (the argsrepr)."""
-    if not isinstance(args, str) or len(args) > 300:
-        return None
-    try:
-        value = ast.literal_eval(args)
-    except (ValueError, SyntaxError):
-        return None
-    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
-        actor = value[1] if len(value) > 1 and isinstance(value[1], str) else ""
-        return value[0], actor
-    return None
-
-
 def _job_info(job_id: str) -> dict[str, str]:
     """status / attempt / actor / worker of a job, cached (ended jobs for longer)."""
     global _redis
@@ -208,7 +194,7 @@ def format_task(task: Any) -> Any:
     Flower passes a copy of its task object; the extra attributes appear on the
     task page (``_fields`` lists what it renders) and in the tasks table's data.
     """
-    found = job_of_task(getattr(task, "args", None))
+    found = parse_task_args(getattr(task, "args", None))
     if found is None:
         return task
     job_id, actor = found

@@ -37,6 +37,7 @@ from .schema import (
     Event,
     JobRecord,
     JobStatus,
+    task_message,
 )
 from .settings import Settings
 
@@ -154,14 +155,7 @@ class Client:
                 r.delete(idem)
             raise InvalidInput("job_id", f"a job with id {job_id!r} already exists")
         try:
-            self.celery.send_task(
-                TASK_NAME,
-                args=[job_id, actor],
-                kwargs={"v": SCHEMA_VERSION},
-                queue=s.queue,
-                argsrepr=repr((job_id, actor)),
-                kwargsrepr="{}",
-            )
+            self.celery.send_task(TASK_NAME, queue=s.queue, **task_message(job_id, actor))
         except Exception:
             r.delete(keys.job_key(job_id), *([idem] if idem else []))
             raise

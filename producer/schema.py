@@ -6,6 +6,7 @@ breaking change of ``SCHEMA_VERSION``.
 
 from __future__ import annotations
 
+import ast
 import json
 from decimal import Decimal
 from enum import Enum
@@ -23,10 +24,36 @@ __all__ = [
     "JobRecord",
     "JobStatus",
     "NodeUsage",
+    "parse_task_args",
+    "task_message",
 ]
 
 SCHEMA_VERSION = 1
 TASK_NAME = "actorq.run_job"
+
+
+def task_message(job_id: str, actor: str) -> dict[str, Any]:
+    """``send_task`` arguments of a job: all the broker, Flower and logs ever see of it."""
+    return {
+        "args": [job_id, actor],
+        "kwargs": {"v": SCHEMA_VERSION},
+        "argsrepr": repr((job_id, actor)),
+        "kwargsrepr": "{}",
+    }
+
+
+def parse_task_args(argsrepr: object) -> tuple[str, str] | None:
+    """``(job_id, actor)`` back from a task's ``argsrepr`` as Celery reports it, if it is ours."""
+    if not isinstance(argsrepr, str) or len(argsrepr) > 300:
+        return None
+    try:
+        value = ast.literal_eval(argsrepr)  # literals only: never evaluates code
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if isinstance(value, tuple | list) and value and isinstance(value[0], str):
+        actor = value[1] if len(value) > 1 and isinstance(value[1], str) else ""
+        return value[0], actor
+    return None
 
 
 class JobStatus(str, Enum):

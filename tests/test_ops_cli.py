@@ -14,8 +14,9 @@ import pytest
 
 from ops.cli import build_parser
 from ops.commands import Exit, worker_argv
-from ops.flower import FlowerConfigError, FlowerOptions, flower_command, format_task, job_of_task
+from ops.flower import FlowerConfigError, FlowerOptions, flower_command, format_task
 from producer import Client, JobStatus, Settings
+from producer.schema import parse_task_args
 from tests.helpers import scripted
 from tests.ops_support import ROOT, Service, actorq
 
@@ -240,5 +241,5 @@ def test_flower_task_formatter_names_the_job(
     assert {"job_id", "actor", "job_status", "attempt"} <= set(task._fields)
     other = format_task(FakeTask("[1, 2]"))
     assert other.name == "actorq.run_job"
-    assert job_of_task("('abc', '')") == ("abc", "")
-    assert job_of_task("__import__('os')") is None
+    assert parse_task_args("('abc', '')") == ("abc", "")
+    assert parse_task_args("__import__('os')") is None

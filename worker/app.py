@@ -15,7 +15,7 @@ from celery.signals import (
 )
 
 import celeryconfig
-from producer.schema import SCHEMA_VERSION, TASK_NAME
+from producer.schema import TASK_NAME, task_message
 from producer.settings import Settings
 
 from . import logctx, metrics
@@ -55,12 +55,7 @@ def _metrics_process_gone(**_: object) -> None:
 def requeue(job_id: str, queue: str = "", actor: str = "") -> None:
     """Send a job again (its attempt was lost), to the queue it came from."""
     app.send_task(
-        TASK_NAME,
-        args=[job_id, actor],
-        kwargs={"v": SCHEMA_VERSION},
-        queue=queue or app.conf.task_default_queue,
-        argsrepr=repr((job_id, actor)),
-        kwargsrepr="{}",
+        TASK_NAME, queue=queue or app.conf.task_default_queue, **task_message(job_id, actor)
     )
 
 

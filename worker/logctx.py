@@ -12,13 +12,14 @@ the filter reads when no job is bound.
 
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import os
 import time
 from contextvars import ContextVar
 from typing import Any
+
+from producer.schema import parse_task_args
 
 __all__ = [
     "TEXT_FORMAT",
@@ -70,17 +71,8 @@ def _from_task_args(record: logging.LogRecord) -> tuple[str, str] | None:
     data = getattr(record, "data", None)
     if not isinstance(data, dict):
         return None
-    args = data.get("args")
-    if not isinstance(args, str) or len(args) > 300:
-        return None
-    try:
-        value = ast.literal_eval(args)
-    except (ValueError, SyntaxError):
-        return None
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], str):
-        actor = value[1] if len(value) > 1 and isinstance(value[1], str) else ""
-        return value[0], actor or "-"
-    return None
+    found = parse_task_args(data.get("args"))
+    return None if found is None else (found[0], found[1] or "-")
 
 
 class ContextFilter(logging.Filter):
