@@ -8,7 +8,6 @@ import datetime
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -95,7 +94,7 @@ def redis_dump(r: redis.Redis) -> Iterator[tuple[bytes, bytes, bytes]]:
 
 @dataclass
 class FlowerProcess:
-    """``celery -A worker.app flower`` with basic auth, as a child process stopped by pid."""
+    """``actorq flower`` with basic auth, as a child process stopped by pid."""
 
     env: dict[str, str]
     log_path: Path
@@ -106,22 +105,20 @@ class FlowerProcess:
     fetched: dict[str, bytes] = field(default_factory=dict)
 
     def start(self, timeout: float = 60.0) -> FlowerProcess:
+        from ops.flower import FlowerOptions, flower_command
+
         self.port = self.port or free_port()
-        args = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.app",
-            "flower",
-            f"--port={self.port}",
-            "--address=127.0.0.1",
-            f"--basic-auth={self.user}:{self.password}",
-        ]
+        # The product's launcher (``actorq flower``), so the scan covers what it shows.
+        args, env = flower_command(
+            FlowerOptions(
+                port=self.port, address="127.0.0.1", basic_auth=[f"{self.user}:{self.password}"]
+            ),
+            env={**os.environ, **self.env},
+        )
         out = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
             args,
-            env={**os.environ, **self.env},
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
