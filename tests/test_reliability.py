@@ -481,9 +481,9 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
     )  # fmt: skip
     c.redis.zadd(keys.RUNNING_INDEX, {job_id: time.time() - 1})
     time.sleep(0.01)
-    sent: list[tuple[str, str]] = []
+    sent: list[tuple[str, str, str]] = []
 
-    def broker_down(job: str, q: str) -> None:
+    def broker_down(job: str, q: str, actor: str) -> None:
         raise ConnectionError("broker away")
 
     async def sweep(requeue: object) -> int:
@@ -497,11 +497,11 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
         assert asyncio.run(sweep(broker_down)) == 0
         assert c.get_status(job_id) is JobStatus.RUNNING  # undone: the next sweep retries
         assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is not None
-        assert asyncio.run(sweep(lambda job, q: sent.append((job, q)))) == 1
-        assert sent == [(job_id, queue)]
+        assert asyncio.run(sweep(lambda job, q, actor: sent.append((job, q, actor)))) == 1
+        assert sent == [(job_id, queue, "tester")]  # the actor name travels again too
         assert c.get_status(job_id) is JobStatus.QUEUED
         assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is None
-        assert asyncio.run(sweep(lambda job, q: sent.append((job, q)))) == 0  # once only
+        assert asyncio.run(sweep(lambda job, q, actor: sent.append((job, q, actor)))) == 0
     finally:
         c.cancel_job(job_id)
         c.redis.delete(queue)
