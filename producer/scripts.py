@@ -179,10 +179,10 @@ return 'requested'
 # Redis for longer than the lease): put it back to queued so one sweeper (and only
 # one: the status flips atomically) sends it again, to the queue it came from.
 # KEYS: the usual four. ARGV: now
-# -> {1, queue} send it again | {0, ''} an attempt holds it | {-1, ''} not running
+# -> {1, queue, actor} send it again | {0, '', ''} an attempt holds it | {-1, '', ''} not running
 REQUEUE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {-1, ''} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {0, ''} end
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {-1, '', ''} end
+if redis.call('EXISTS', KEYS[3]) == 1 then return {0, '', ''} end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued_at', ARGV[1])
 return {1, redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'actor') or ''}
 """

@@ -480,6 +480,11 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
         "gone-worker", 60, 1000, "{}", "{}", queue,
     )  # fmt: skip
     c.redis.zadd(keys.RUNNING_INDEX, {job_id: time.time() - 1})
+    # A stale entry of a job that already ended sorts first: the sweep drops it and
+    # goes on to the lost job.
+    ended = c.enqueue_actor_job(scripted("ended"), "go")
+    assert c.cancel_job(ended) is CancelOutcome.CANCELLED
+    c.redis.zadd(keys.RUNNING_INDEX, {ended: time.time() - 2})
     time.sleep(0.01)
     sent: list[tuple[str, str, str]] = []
 
@@ -501,6 +506,7 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
         assert sent == [(job_id, queue, "tester")]  # the actor name travels again too
         assert c.get_status(job_id) is JobStatus.QUEUED
         assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is None
+        assert c.redis.zscore(keys.RUNNING_INDEX, ended) is None
         assert asyncio.run(sweep(lambda job, q, actor: sent.append((job, q, actor)))) == 0
     finally:
         c.cancel_job(job_id)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys, scripts
 from producer.settings import Settings
@@ -171,8 +173,12 @@ class Supervisor:
             job_id = raw.decode()
             if job_id in self._jobs:
                 continue
-            if await self.requeue(job_id):
-                requeued += 1
+            try:
+                requeued += await self.requeue(job_id)
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                raise  # Redis away: the whole round fails and is tried again
+            except Exception:  # one bad entry must not stall the sweep of all the others
+                log.exception("job %s: could not sweep it", job_id)
         return requeued
 
     def send_again(self, job_id: str, queue: str, actor: str = "") -> None:
