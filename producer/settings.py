@@ -37,6 +37,7 @@ class Settings:
     stream_max_events: int = 100_000
     max_attempts: int = 3
     lease_ttl_s: int = 15
+    tail_connections: int = 4
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -64,6 +65,7 @@ class Settings:
             stream_max_events=_int(e, "ACTORQ_STREAM_MAX_EVENTS", 100_000),
             max_attempts=_int(e, "ACTORQ_MAX_ATTEMPTS", 3),
             lease_ttl_s=_int(e, "ACTORQ_LEASE_TTL_S", 15),
+            tail_connections=max(2, _int(e, "ACTORQ_TAIL_CONNECTIONS", 4)),
             secret_keys=keys,
             redis_options=tls,
         )
