@@ -135,6 +135,7 @@ class JobRunner:
             if active.lease_lost or channel.lost:
                 log.warning("job %s attempt %d: lost its lease; writing nothing", job_id, attempt)
                 return Outcome("fenced")
+            active.finishing = True
             return await self._finish(job_id, owner, status, error, error_type, result, secrets)
         finally:
             await self.supervisor.remove(active)

@@ -36,6 +36,7 @@ class ActiveJob:
     task: asyncio.Task[object]
     cancel_requested: bool = False
     lease_lost: bool = False
+    finishing: bool = False  # its ending is being written: FINISH drops the lease itself
 
 
 class Supervisor:
@@ -118,6 +119,8 @@ class Supervisor:
         results = await pipe.execute()
         for job, result in zip(jobs, results, strict=False):
             held, cancel = (int(result[0]), int(result[1])) if renew else (1, int(result))
+            if job.finishing or self._jobs.get(job.job_id) is not job:
+                continue  # ended while this round was in flight: no lease to hold any more
             if not held and not job.lease_lost:
                 job.lease_lost = True
                 log.warning("job %s: lease lost, stopping this attempt", job.job_id)
