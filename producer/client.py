@@ -323,19 +323,23 @@ class Client:
             raise JobNotFound(job_id)
         async with tail.subscribe(stream, after) as sub:
             while True:
-                remaining = None if deadline is None else deadline - loop.time()
-                wait = _BLOCK_MS / 1000 if remaining is None else min(_BLOCK_MS / 1000, remaining)
-                try:
-                    async with asyncio.timeout(max(wait, 0)):
-                        batch = await sub.get()
-                except TimeoutError:
+                wait = _BLOCK_MS / 1000
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                sub.check_at = loop.time() + wait
+                batch = await sub.get()
+                if batch is None:  # nothing for a while: is the job still there, time up?
                     if not await tail.redis.exists(keys.job_key(job_id), stream):
-                        raise JobNotFound(job_id) from None
+                        raise JobNotFound(job_id)
                     if deadline is not None and loop.time() >= deadline:
-                        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s") from None
+                        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
                     continue
-                for entry_id, fields in batch:
-                    event = Event.from_entry(entry_id, fields)
+                for entry_id, flat in batch:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                    # Built from str values the reader already decoded: no validation pass.
+                    event = Event.model_construct(
+                        id=entry_id, type=fields.pop("type", ""), fields=fields
+                    )
                     yield event
                     if event.terminal:
                         return

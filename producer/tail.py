@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import math
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 
@@ -30,15 +33,21 @@ __all__ = ["Subscription", "Tail"]
 
 log = logging.getLogger("actorq.tail")
 
-Entry = tuple[bytes, dict[bytes, bytes]]
+#: One stream entry as Redis sent it: its id and its flat field/value list.
+Entry = tuple[str, list[str]]
 
 _BLOCK_MS = 1000  # a blocked read is interrupted on every change; this bounds shutdown
 _COUNT = 1000  # entries per stream per read
+_TICK_S = 0.1  # resolution of idle wake-ups (existence checks, timeouts)
+_serial = itertools.count(1)
 
 
-def _id_key(entry_id: str | bytes) -> tuple[int, int]:
-    s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    ms, _, seq = s.partition("-")
+def _raw(reply: Any, **_: Any) -> Any:
+    return reply
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -48,12 +57,20 @@ class Subscription:
 
     stream: str
     cursor: str
-    queue: asyncio.Queue[list[Entry] | BaseException] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[list[Entry] | BaseException | None] = field(
+        default_factory=asyncio.Queue
+    )
     shard: _Shard | None = None
     paused: bool = False
+    #: Loop time after which an idle subscriber is woken with ``None`` (see :meth:`get`).
+    check_at: float = math.inf
 
-    async def get(self) -> list[Entry]:
-        """The next batch of entries (in order); raises the reader's error if it failed."""
+    async def get(self) -> list[Entry] | None:
+        """The next batch of entries (in order), or ``None`` once ``check_at`` passed idle.
+
+        Raises the reader's error if it failed. The wake-up comes from the tail's one
+        ticker, so waiting costs no timer per batch.
+        """
         item = await self.queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -78,7 +95,7 @@ class _Shard:
         self.client_id: int | None = None
         self.task: asyncio.Task[None] | None = None
         self.has_work = asyncio.Event()
-        self.redis = aioredis.Redis(connection_pool=tail.pool, single_connection_client=True)
+        self.redis = tail.reader_client()
 
     def add(self, sub: Subscription) -> None:
         sub.shard = self
@@ -157,22 +174,18 @@ class _Shard:
             # Swap before awaiting: a subscriber arriving meanwhile starts a fresh reader.
             self.client_id = None
             self.task = None
-            redis, self.redis = (
-                self.redis,
-                aioredis.Redis(connection_pool=self.tail.pool, single_connection_client=True),
-            )
+            redis, self.redis = self.redis, self.tail.reader_client()
             with contextlib.suppress(Exception):
                 await redis.aclose()
 
     def _dispatch(self, reply: Any, read: dict[str, str]) -> None:
         high = self.tail.high_water
-        for raw_stream, entries in reply:
-            stream = raw_stream.decode() if isinstance(raw_stream, bytes) else raw_stream
+        # RESP3 answers a map, RESP2 a list of [stream, entries] pairs.
+        for stream, entries in reply.items() if isinstance(reply, dict) else reply:
             group = self.subs.get(stream)
             if not group or not entries:
                 continue
-            last = entries[-1][0]
-            last_s = last.decode() if isinstance(last, bytes) else last
+            last_s = entries[-1][0]
             read_from = read[stream]
             for sub in group:
                 if sub.paused:
@@ -213,11 +226,14 @@ class Tail:
     ) -> None:
         if max_connections < 2:
             raise ValueError("max_connections must be at least 2 (one reader, one command)")
+        # Named per process and tail, so CLIENT LIST tells which router holds what.
+        self.client_name = f"actorq-tail:{os.getpid()}:{next(_serial)}"
         self.pool = aioredis.BlockingConnectionPool.from_url(
             redis_url,
             max_connections=max_connections,
             timeout=None,
-            client_name="actorq-tail",
+            client_name=self.client_name,
+            decode_responses=True,  # ids and fields as str, decoded in C by hiredis
             **redis_options,
         )
         self.redis = aioredis.Redis(connection_pool=self.pool)  # short commands
@@ -225,8 +241,20 @@ class Tail:
         self.high_water = high_water
         self.low_water = high_water // 4
         self._shards: list[_Shard] = []
+        self._subs: set[Subscription] = set()
+        self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._max_shards = max_connections - 1
+
+    def reader_client(self) -> aioredis.Redis:
+        """A client holding one pooled connection, answering XREAD as Redis sent it.
+
+        redis-py's XREAD reply parsing (a dict per entry, in Python) cost more than
+        the rest of a tail together; the raw reply goes straight to the queues.
+        """
+        client = aioredis.Redis(connection_pool=self.pool, single_connection_client=True)
+        client.set_response_callback("XREAD", cast(Any, _raw))
+        return client
 
     def _pick_shard(self) -> _Shard:
         best = min(self._shards, key=lambda s: s.count, default=None)
@@ -240,9 +268,13 @@ class Tail:
         """Receive every entry of ``stream`` after id ``after`` until the block exits."""
         sub = Subscription(stream, after)
         self._pick_shard().add(sub)
+        self._subs.add(sub)
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
         try:
             yield sub
         finally:
+            self._subs.discard(sub)
             shard = sub.shard
             if shard is not None:
                 shard.remove(sub)
@@ -252,6 +284,20 @@ class Tail:
                     # reader stops before the caller's loop shuts down.
                     with contextlib.suppress(Exception):
                         await self.redis.client_unblock(shard.client_id)
+
+    async def _tick(self) -> None:
+        """Wake idle subscribers whose ``check_at`` passed; ends with the last one."""
+        loop = asyncio.get_running_loop()
+        try:
+            while self._subs:
+                await asyncio.sleep(_TICK_S)
+                now = loop.time()
+                for sub in self._subs:
+                    if sub.check_at <= now and sub.queue.empty():
+                        sub.check_at = math.inf
+                        sub.queue.put_nowait(None)
+        finally:
+            self._ticker = None
 
     @property
     def connections(self) -> int:
@@ -266,6 +312,8 @@ class Tail:
     async def aclose(self) -> None:
         """Stop the readers and close the connections."""
         self._closing = True
+        if self._ticker is not None:
+            self._ticker.cancel()
         for shard in self._shards:
             task = shard.task
             if task is None:

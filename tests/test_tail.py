@@ -27,8 +27,8 @@ def _new_job(r: redis.Redis, stream: bool = True) -> str:
     return job_id
 
 
-def _tail_clients(r: redis.Redis) -> int:
-    return sum(1 for c in r.client_list() if c.get("name") == "actorq-tail")
+def _tail_clients(r: redis.Redis, name: str) -> int:
+    return sum(1 for c in r.client_list() if c.get("name") == name)
 
 
 async def _collect(client: Client, job_id: str, after: str = "0", timeout: float = 30) -> list[Any]:
@@ -48,7 +48,7 @@ def test_many_tails_share_a_few_connections(client: Client) -> None:
             for job in jobs:
                 pipe.xadd(keys.events_key(job), {"type": "token", "text": f"t{i} ", "node": "a"})
             await asyncio.to_thread(pipe.execute)
-            peak = max(peak, await asyncio.to_thread(_tail_clients, r))
+            peak = max(peak, await asyncio.to_thread(_tail_clients, r, client.tail.client_name))
             await asyncio.sleep(0.02)
         pipe = r.pipeline(transaction=False)
         for job in jobs:
@@ -151,7 +151,7 @@ def test_slow_consumer_is_paused_and_loses_nothing(redis_target: Any) -> None:
             while len(got) < 41:
                 async with asyncio.timeout(10):
                     batch = await sub.get()
-                got += [f.get(b"text", b"").decode() for _, f in batch]
+                got += [dict(zip(f[::2], f[1::2], strict=True)).get("text", "") for _, f in batch]
         await tail.aclose()
         return got
 
