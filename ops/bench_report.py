@@ -54,8 +54,9 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
              fanin["router_tail_connections"], _le(fanin["router_tail_connections"], 4)),
         _row("4", "fan-in delivery lag p99 (ms)", "<= 25", fanin["lag_ms"]["p99"],
              _le(fanin["lag_ms"]["p99"], 25)),
-        _row("5", "Redis bytes per token entry", "<= 64", mem["bytes_per_entry"],
-             _le(mem["bytes_per_entry"], 64)),
+        # Per entry as a job grows; what a stream costs regardless of length is in "fixed".
+        _row("5", "Redis bytes per token entry", "<= 64", mem["marginal_bytes_per_entry"],
+             _le(mem["marginal_bytes_per_entry"], 64)),
         _row("5", "Redis fixed bytes per job", "<= 8192", fixed, _le(fixed, 8192)),
         _row("6", "streams per GiB vs prefork (c)", ">= 5x", _ratio(ours, prefork),
              _ge(_ratio(ours, prefork), 5)),
