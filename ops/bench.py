@@ -204,6 +204,17 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
     traces, (big, small) = asyncio.run(both())
     w.stop()
     added = [(t.first_token_s or 0) * 1000 - o.ttft_ms for t in traces if t.received]
+    # Where the added first-token time goes: queue + claim, the worker's setup and
+    # first write, then Redis to the tailer (entry ids are Redis's clock, in ms).
+    to_claim, to_redis, to_tailer = [], [], []
+    for t in traces:
+        record = client.get_result(t.job_id)
+        if not (t.received and record and record.started_at):
+            continue
+        stored = int(t.first_id.partition("-")[0]) / 1000
+        to_claim.append((record.started_at - t.enqueued_at) * 1000)
+        to_redis.append((stored - record.started_at) * 1000 - o.ttft_ms)
+        to_tailer.append((t.received[0] - stored) * 1000)
     sizes_big, sizes_small = _redis_sizes(r, big), _redis_sizes(r, small)
     client.close()
     per_entry = (sizes_big["stream"] - sizes_small["stream"]) / max(
@@ -216,6 +227,11 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
             "added_ms_p50": pct(added, 50),
             "added_ms_p99": pct(added, 99),
             "added_ms_max": max(added) if added else None,
+            "p50_split_ms": {
+                "enqueued_to_claimed": pct(to_claim, 50),
+                "claimed_to_stored_minus_ttft": pct(to_redis, 50),
+                "stored_to_tailer": pct(to_tailer, 50),
+            },
         },
         # Claim, load, build the model, finish, Celery's own work: paid once per job.
         "worker_cpu_ms_per_job": per_job_cpu[0] * 1000 if per_job_cpu else None,

@@ -139,6 +139,7 @@ class JobTrace:
     write_ms: list[float] = field(default_factory=list)
     status: str = ""
     error: str = ""
+    first_id: str = ""  # entry id of the first token (Redis's clock, ms)
 
     @property
     def first_token_s(self) -> float | None:
@@ -158,6 +159,8 @@ async def tail_job(client: Any, trace: JobTrace, timeout: float) -> JobTrace:
         async for event in client.astream_events(trace.job_id, timeout=timeout):
             now = time.time()
             if event.type == "token":
+                if not trace.received:
+                    trace.first_id = event.id
                 trace.received.append(now)
                 ts = event.fields.get("ts")
                 if ts:

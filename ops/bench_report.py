@@ -122,7 +122,12 @@ def render(res: dict[str, Any]) -> str:
     if per_job is not None and load.get("cpu_us_per_token") and load["jobs"]:
         tokens_per_job = load["tokens"] / load["jobs"]
         steady = load["cpu_us_per_token"] - per_job * 1000 / max(1.0, tokens_per_job)
+    split = res["idle"]["first_token"].get("p50_split_ms") or {}
     notes = (
+        "Added first-token time, p50 by part (ms): enqueue to claim "
+        f"{_f(split.get('enqueued_to_claimed'))}, claim to first entry stored minus the "
+        f"model's ttft {_f(split.get('claimed_to_stored_minus_ttft'))}, Redis to tailer "
+        f"{_f(split.get('stored_to_tailer'))}.\n"
         f"Worker CPU per job (claim, build, finish, Celery): {_f(per_job)} ms; per token "
         f"without it: {_f(steady, 1)} us ({_f(_ratio(steady, floor['cpu_us_per_token']))}x "
         f"floor).\n"
