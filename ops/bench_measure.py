@@ -199,6 +199,10 @@ def summarise_lags(traces: Sequence[JobTrace], delay_ms: float) -> dict[str, Any
         },
         # Redis ids have millisecond resolution: these split a lag to within ~1 ms.
         "to_redis_ms": {"p50": pct(writes, 50), "p99": pct(writes, 99)},
+        "from_redis_ms": {
+            "p50": pct([lag - w for lag, w in zip(lags, writes, strict=True)], 50),
+            "p99": pct([lag - w for lag, w in zip(lags, writes, strict=True)], 99),
+        },
         "rate_fraction": (gaps * delay_ms / 1000 / span) if span > 0 and delay_ms > 0 else None,
         "peak_concurrent": peak_concurrency(traces),
     }

@@ -107,6 +107,8 @@ def render(res: dict[str, Any]) -> str:
         ["lag p50 ms", *[_f(get(d, "lag_ms", "p50")) for _, d in cols]],
         ["lag p99 ms", *[_f(get(d, "lag_ms", "p99")) for _, d in cols]],
         ["lag p99.9 ms", *[_f(get(d, "lag_ms", "p99_9")) for _, d in cols]],
+        ["  of p99: yield to Redis", *[_f(get(d, "to_redis_ms", "p99")) for _, d in cols]],
+        ["  of p99: Redis to tailer", *[_f(get(d, "from_redis_ms", "p99")) for _, d in cols]],
         ["CPU us / token", *[_f(d.get("cpu_us_per_token"), 1) for _, d in cols]],
         ["CPU vs floor", *[_f(_ratio(d.get("cpu_us_per_token"), floor["cpu_us_per_token"])) for _, d in cols]],
         ["peak concurrent streams", *[_f(d.get("peak_concurrent")) for _, d in cols]],
