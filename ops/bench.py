@@ -23,7 +23,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -141,25 +140,33 @@ def _job_timeout(tokens: int, ttft_ms: float, delay_ms: float) -> float:
 
 
 async def _run_jobs(
-    client: Any, config: dict[str, Any], n: int, timeout: float, on_sample: Callable[[], None]
+    client: Any,
+    env: dict[str, str],
+    config: dict[str, Any],
+    n: int,
+    timeout: float,
+    on_sample: Callable[[], None],
 ) -> list[JobTrace]:
-    """Enqueue ``n`` jobs from a thread and tail each from this loop as soon as it exists."""
-    loop = asyncio.get_running_loop()
+    """Enqueue ``n`` jobs from another process and tail each here as soon as it exists.
+
+    The enqueuing runs apart, as a web front end would, so this process measures a
+    router that only tails (a thread would take the GIL from the tails' loop).
+    """
+    args = [
+        sys.executable, "-m", "ops.bench_peers", "enqueue", "--jobs", str(n),
+        "--config", json.dumps(config),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *args, env={**os.environ, **env}, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
     tails: list[asyncio.Task[JobTrace]] = []
-    enqueued = asyncio.Event()
-
-    def start(trace: JobTrace) -> None:
-        tails.append(loop.create_task(tail_job(client, trace, timeout)))
-
-    def enqueue_all() -> None:
-        for _ in range(n):
-            job_id = client.enqueue_actor_job(config, "bench")
-            trace = JobTrace(job_id, enqueued_at=time.time())
-            loop.call_soon_threadsafe(start, trace)
-        loop.call_soon_threadsafe(enqueued.set)
-
-    threading.Thread(target=enqueue_all, name="bench-enqueue", daemon=True).start()
-    await enqueued.wait()
+    async for line in proc.stdout:
+        job_id, at = line.decode().split()
+        trace = JobTrace(job_id, enqueued_at=float(at))
+        tails.append(asyncio.ensure_future(tail_job(client, trace, timeout)))
+    if await proc.wait() != 0:
+        raise RuntimeError(f"the enqueuing process failed with {proc.returncode}")
     pending = set(tails)
     while pending:
         _, pending = await asyncio.wait(pending, timeout=0.25)
@@ -190,10 +197,14 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
 
     async def memory() -> tuple[list[JobTrace], list[JobTrace]]:
         # Two lengths, so the per-entry cost and the fixed cost of a job can be told apart.
-        big = await _run_jobs(client, bench_config(o.tokens, 0, 0), o.memory_jobs, 120, _noop)
+        big = await _run_jobs(
+            client, stack.env, bench_config(o.tokens, 0, 0), o.memory_jobs, 120, _noop
+        )
         pids = tree_pids(w.pid)
         cpu0 = cpu_seconds(pids)
-        small = await _run_jobs(client, bench_config(1, 0, 0), o.memory_jobs, 120, _noop)
+        small = await _run_jobs(
+            client, stack.env, bench_config(1, 0, 0), o.memory_jobs, 120, _noop
+        )
         per_job_cpu.append((cpu_seconds(pids) - cpu0) / max(1, len(small)))
         await client.aclose()
         return big, small
@@ -296,11 +307,11 @@ def _phase_stream(
 
     async def main() -> tuple[list[JobTrace], float, Sampler]:
         # One warm-up job: imports, connections and the script cache are not the point.
-        await _run_jobs(client, bench_config(2, 0, 0), 1, 60, _noop)
+        await _run_jobs(client, stack.env, bench_config(2, 0, 0), 1, 60, _noop)
         pids = tree_pids(w.pid)
         with Sampler(w.pid, stack.redis.port) as sampler:
             cpu0 = cpu_seconds(pids)
-            traces = await _run_jobs(client, cfg, jobs, timeout, sample)
+            traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample)
             cpu = cpu_seconds(pids) - cpu0
             peak["redis_clients"] = int(r.info("clients")["connected_clients"])
         await client.aclose()

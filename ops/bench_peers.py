@@ -18,7 +18,15 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["bench_config", "bench_model", "bench_reply", "naive_job", "run_floor", "run_naive"]
+__all__ = [
+    "bench_config",
+    "bench_model",
+    "bench_reply",
+    "naive_job",
+    "run_enqueue",
+    "run_floor",
+    "run_naive",
+]
 
 
 def bench_reply(tokens: int) -> str:
@@ -138,16 +146,33 @@ def run_naive(
     return {"jobs": jobs, "tokens": n, "cpu_s": cpu, "cpu_us_per_token": cpu / n * 1e6 if n else None}
 
 
+def run_enqueue(jobs: int, config: dict[str, Any]) -> None:
+    """Enqueue ``jobs`` jobs, printing ``job_id enqueued_at`` as each call returns."""
+    from producer import Client
+
+    client = Client()
+    try:
+        for _ in range(jobs):
+            job_id = client.enqueue_actor_job(config, "bench")
+            print(job_id, f"{time.time():.6f}", flush=True)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ops.bench_peers")
-    p.add_argument("peer", choices=["floor", "naive"])
+    p.add_argument("peer", choices=["floor", "naive", "enqueue"])
+    p.add_argument("--config", default="{}", help="actor config JSON (enqueue)")
     p.add_argument("--url", default="")
     p.add_argument("--prefix", default="naive")
     p.add_argument("--jobs", type=int, required=True)
-    p.add_argument("--tokens", type=int, required=True)
-    p.add_argument("--ttft-ms", type=float, required=True)
-    p.add_argument("--delay-ms", type=float, required=True)
+    p.add_argument("--tokens", type=int, default=1)
+    p.add_argument("--ttft-ms", type=float, default=0)
+    p.add_argument("--delay-ms", type=float, default=0)
     a = p.parse_args(argv)
+    if a.peer == "enqueue":
+        run_enqueue(a.jobs, json.loads(a.config))
+        return 0
     if a.peer == "floor":
         out = run_floor(a.jobs, a.tokens, a.ttft_ms, a.delay_ms)
     else:

@@ -18,13 +18,13 @@ reads until it catches up, so a slow consumer holds a bounded amount of memory.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
@@ -51,31 +51,53 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-@dataclass(eq=False)
 class Subscription:
-    """One tail of one stream: a queue of entry batches and the cursor read so far."""
+    """One tail of one stream: the entry batches read for it and the cursor read so far.
 
-    stream: str
-    cursor: str
-    queue: asyncio.Queue[list[Entry] | BaseException | None] = field(
-        default_factory=asyncio.Queue
-    )
-    shard: _Shard | None = None
-    paused: bool = False
-    #: Loop time after which an idle subscriber is woken with ``None`` (see :meth:`get`).
-    check_at: float = math.inf
+    A deque and one future rather than an ``asyncio.Queue``: the reader hands over
+    a batch per read for every stream, so this is on the path of every token.
+    """
+
+    def __init__(self, stream: str, cursor: str) -> None:
+        self.stream = stream
+        self.cursor = cursor
+        self.shard: _Shard | None = None
+        self.paused = False
+        #: Loop time after which an idle subscriber is woken with ``None`` (see :meth:`get`).
+        self.check_at = math.inf
+        self._items: collections.deque[list[Entry] | BaseException | None] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def backlog(self) -> int:
+        """Batches handed over and not yet taken."""
+        return len(self._items)
+
+    def put(self, item: list[Entry] | BaseException | None) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def get(self) -> list[Entry] | None:
-        """The next batch of entries (in order), or ``None`` once ``check_at`` passed idle.
+        """Every entry handed over so far (in order), or ``None`` once ``check_at`` passed idle.
 
-        Raises the reader's error if it failed. The wake-up comes from the tail's one
-        ticker, so waiting costs no timer per batch.
+        Raises the reader's error if it failed. The idle wake-up comes from the tail's
+        one ticker, so waiting costs no timer.
         """
-        item = await self.queue.get()
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if isinstance(item, BaseException):
             raise item
+        while item is not None and self._items and isinstance(self._items[0], list):
+            item = item + self._items.popleft()  # type: ignore[operator]
         shard = self.shard
-        if self.paused and shard is not None and self.queue.qsize() <= shard.tail.low_water:
+        if self.paused and shard is not None and len(self._items) <= shard.tail.low_water:
             self.paused = False
             shard.changed()
         return item
@@ -199,14 +221,14 @@ class _Shard:
                     batch = [e for e in entries if _id_key(e[0]) > after]
                 if batch:
                     sub.cursor = last_s
-                    sub.queue.put_nowait(batch)
-                    if sub.queue.qsize() > high:
+                    sub.put(batch)
+                    if sub.backlog > high:
                         sub.paused = True
 
     def _fail(self, exc: BaseException) -> None:
         for group in self.subs.values():
             for sub in group:
-                sub.queue.put_nowait(exc)
+                sub.put(exc)
                 sub.shard = None
         self.subs.clear()
         self.count = 0
@@ -293,9 +315,9 @@ class Tail:
                 await asyncio.sleep(_TICK_S)
                 now = loop.time()
                 for sub in self._subs:
-                    if sub.check_at <= now and sub.queue.empty():
+                    if sub.check_at <= now and not sub.backlog:
                         sub.check_at = math.inf
-                        sub.queue.put_nowait(None)
+                        sub.put(None)
         finally:
             self._ticker = None
 
