@@ -25,6 +25,7 @@ __all__ = [
     "redis_connections",
     "summarise_lags",
     "tail_job",
+    "timeline",
     "tree_pids",
 ]
 
@@ -205,7 +206,24 @@ def summarise_lags(traces: Sequence[JobTrace], delay_ms: float) -> dict[str, Any
         },
         "rate_fraction": (gaps * delay_ms / 1000 / span) if span > 0 and delay_ms > 0 else None,
         "peak_concurrent": peak_concurrency(traces),
+        "timeline": timeline(traces),
     }
+
+
+def timeline(traces: Sequence[JobTrace]) -> list[dict[str, Any]]:
+    """Per second of the run: tokens received and their lag p50/p99 — lag against load."""
+    starts = [t.received[0] for t in traces if t.received]
+    if not starts:
+        return []
+    t0 = min(starts)
+    seconds: dict[int, list[float]] = {}
+    for t in traces:
+        for at, lag in zip(t.received, t.lags_ms, strict=False):
+            seconds.setdefault(int(at - t0), []).append(lag)
+    return [
+        {"second": k, "tokens": len(v), "lag_p50_ms": pct(v, 50), "lag_p99_ms": pct(v, 99)}
+        for k, v in sorted(seconds.items())
+    ]
 
 
 def peak_concurrency(traces: Sequence[JobTrace]) -> int:

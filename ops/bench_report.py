@@ -140,6 +140,11 @@ def render(res: dict[str, Any]) -> str:
         f"prefork (c) in the same memory as actorq's worker: "
         f"{_f(_same_memory(load, prefork), 0)} streams vs {load['peak_concurrent']}."
     )
+    seconds = [x for x in load.get("timeline", []) if x["lag_p50_ms"] is not None]
+    if seconds:
+        notes += "\nactorq lag by second of the load (tokens/s: p50/p99 ms): " + ", ".join(
+            f"{x['tokens']}: {x['lag_p50_ms']:.0f}/{x['lag_p99_ms']:.0f}" for x in seconds
+        )
     m = res.get("machine", {})
     notes += (
         f"\nmachine: {m.get('cpus')} CPUs, load average after the run "

@@ -46,6 +46,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
             assert _number(part["lag_ms"][q]), (phase, q)
         assert "lags_ms" not in part  # raw samples go to the plot, not the JSON
     assert data["load"]["tokens"] == opts.jobs * opts.tokens
+    assert sum(x["tokens"] for x in data["load"]["timeline"]) == data["load"]["tokens"]
     assert data["fanin"]["jobs"] == opts.tail_jobs
     assert 1 <= data["fanin"]["router_tail_connections"] <= 4
     idle = data["idle"]
