@@ -161,6 +161,8 @@ class WorkerProcess:
     env: dict[str, str]
     name: str = "w1"
     concurrency: int = 50
+    app: str = "worker.app"
+    pool: str = "threads"
     log_path: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
@@ -172,10 +174,10 @@ class WorkerProcess:
             "-m",
             "celery",
             "-A",
-            "worker.app",
+            self.app,
             "worker",
             "--pool",
-            "threads",
+            self.pool,
             "--concurrency",
             str(self.concurrency),
             "--hostname",

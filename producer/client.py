@@ -12,6 +12,7 @@ import json
 import re
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ from .schema import (
     task_message,
 )
 from .settings import Settings
+from .tail import Tail
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -70,6 +72,9 @@ class Client:
         self.settings = settings or Settings.from_env()
         self._redis: redis.Redis | None = None
         self._aredis: dict[int, aioredis.Redis] = {}
+        self._tails: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tail] = (
+            weakref.WeakKeyDictionary()
+        )
         self._celery = celery_app
 
     # -- connections -------------------------------------------------------------
@@ -309,34 +314,62 @@ class Client:
     async def astream_events(
         self, job_id: str, *, after: str = "0", timeout: float | None = None
     ) -> AsyncIterator[Event]:
-        """Async twin of :meth:`stream_events`."""
+        """Async twin of :meth:`stream_events`.
+
+        Every tail of one event loop shares the client's :class:`~producer.tail.Tail`:
+        a few connections, each reading many streams with one ``XREAD BLOCK``.
+        """
         self._check_id(job_id)
         _check_cursor(after)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         stream = keys.events_key(job_id)
-        r = self.aredis
-        if not await r.exists(keys.job_key(job_id), stream):
+        tail = self.tail
+        if not await tail.redis.exists(keys.job_key(job_id), stream):
             raise JobNotFound(job_id)
-        cursor = after
-        while True:
-            remaining = None if deadline is None else deadline - loop.time()
-            block = (
-                _BLOCK_MS if remaining is None else max(1, min(_BLOCK_MS, int(remaining * 1000)))
-            )
-            reply = await r.xread({stream: cursor}, count=1000, block=block)
-            if not reply:
-                if not await r.exists(keys.job_key(job_id), stream):
-                    raise JobNotFound(job_id)
-                if deadline is not None and loop.time() >= deadline:
-                    raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
-                continue
-            for entry_id, fields in _entries(reply):
-                event = Event.from_entry(entry_id, fields)
-                cursor = event.id
-                yield event
-                if event.terminal:
-                    return
+        async with tail.subscribe(stream, after) as sub:
+            while True:
+                wait = _BLOCK_MS / 1000
+                if deadline is not None:
+                    wait = min(wait, deadline - loop.time())
+                sub.check_at = loop.time() + wait
+                batch = await sub.get()
+                if batch is None:  # nothing for a while: is the job still there, time up?
+                    if not await tail.redis.exists(keys.job_key(job_id), stream):
+                        raise JobNotFound(job_id)
+                    if deadline is not None and loop.time() >= deadline:
+                        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                    continue
+                for entry_id, flat in batch:
+                    fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                    # Built from str values the reader already decoded: no validation pass.
+                    event = Event.model_construct(
+                        id=entry_id, type=fields.pop("type", ""), fields=fields
+                    )
+                    yield event
+                    if event.terminal:
+                        return
+
+    @property
+    def tail(self) -> Tail:
+        """The multiplexed reader of the running loop (created on first use)."""
+        loop = asyncio.get_running_loop()
+        tail = self._tails.get(loop)
+        if tail is None:
+            s = self.settings
+            tail = Tail(s.redis_url, max_connections=s.tail_connections, **s.redis_options)
+            self._tails[loop] = tail
+        return tail
+
+    async def aclose(self) -> None:
+        """Close the running loop's async connections (the tail's and the client's)."""
+        loop = asyncio.get_running_loop()
+        tail = self._tails.pop(loop, None)
+        if tail is not None:
+            await tail.aclose()
+        client = self._aredis.pop(id(loop), None)
+        if client is not None:
+            await client.aclose()
 
     # -- cancel ------------------------------------------------------------------
 

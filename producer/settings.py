@@ -63,6 +63,7 @@ class Settings:
     stream_max_events: int = 100_000
     max_attempts: int = 3
     lease_ttl_s: int = 15
+    tail_connections: int = 4
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
     broker_ssl: dict[str, Any] | None = field(default=None, repr=False)
@@ -82,6 +83,7 @@ class Settings:
             stream_max_events=_int(e, "ACTORQ_STREAM_MAX_EVENTS", 100_000),
             max_attempts=_int(e, "ACTORQ_MAX_ATTEMPTS", 3),
             lease_ttl_s=_int(e, "ACTORQ_LEASE_TTL_S", 15),
+            tail_connections=max(2, _int(e, "ACTORQ_TAIL_CONNECTIONS", 4)),
             secret_keys=keys,
             redis_options=redis_tls_options(e),
             broker_ssl=broker_ssl_options(broker_url, e),

@@ -62,7 +62,9 @@ class ActiveJob:
     task: asyncio.Task[object]
     cancel_requested: bool = False
     lease_lost: bool = False
-    ending: bool = False  # writing its ending: a late cancel or lost lease must not cut that
+    # Writing its ending: a late cancel or lost lease must not cut that, and FINISH
+    # drops the lease itself.
+    ending: bool = False
 
 
 class Supervisor:
@@ -152,8 +154,8 @@ class Supervisor:
         results = await pipe.execute()
         for job, result in zip(jobs, results, strict=False):
             held, cancel = (int(result[0]), int(result[1])) if renew else (1, int(result))
-            if job.ending:
-                continue  # the ending itself is fenced by the lease
+            if job.ending or self._jobs.get(job.job_id) is not job:
+                continue  # ending, or ended while this round was in flight: fenced by FINISH
             if not held and not job.lease_lost:
                 job.lease_lost = True
                 log.warning("job %s: lease lost, stopping this attempt", job.job_id)

@@ -32,6 +32,7 @@ from producer.errors import ActorqError
 from producer.schema import ActorResult
 
 from ..errors import ActorError, LimitExceeded, ProviderError
+from .guard import Guard
 from .providers import build_chat_model, provider_error
 from .run import Run, RunEvent
 from .scrub import scrub, secret_values
@@ -135,33 +136,13 @@ class Executor:
         run = Run(self.limits, self.pricing)
         self.last_result = None
         inner: Any = actors.drive(self, run, message)
-        timeout = self.limits.timeout_ms
-        stall = self.limits.stall_timeout_ms
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout / 1000
+        guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
         try:
             while True:
-                budget = None if deadline is None else deadline - loop.time()
-                if budget is not None and budget <= 0:
-                    # Checked before awaiting: buffered events arrive without a
-                    # suspension, so an expired timeout would never fire (slow consumer).
-                    raise LimitExceeded("timeout_ms", f"ran longer than {timeout} ms")
-                step = budget
-                if stall is not None:
-                    step = stall / 1000 if step is None else min(step, stall / 1000)
                 try:
-                    async with asyncio.timeout(step) as cm:
-                        event = await inner.__anext__()
+                    event = await guard.next(inner)
                 except StopAsyncIteration:
                     break
-                except TimeoutError:
-                    if not cm.expired():
-                        raise
-                    if budget is not None and step == budget:
-                        raise LimitExceeded("timeout_ms", f"ran longer than {timeout} ms") from None
-                    raise LimitExceeded(
-                        "stall_timeout_ms", f"model sent nothing for {stall} ms"
-                    ) from None
                 yield event
             self.last_result = run.result()
         except LimitExceeded as exc:
@@ -181,6 +162,7 @@ class Executor:
             self.last_result = run.result("error", str(err))
             raise err from None
         finally:
+            guard.close()
             with contextlib.suppress(Exception):
                 await inner.aclose()
 

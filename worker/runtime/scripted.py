@@ -102,13 +102,19 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
+        # Paced like a network source: token i is due at start + ttft + i * delay, so a
+        # consumer that falls behind gets the backlog at once, as from a socket buffer,
+        # instead of slowing the model down.
+        loop = asyncio.get_running_loop()
+        due = loop.time()
         first = True
         for chunk in self._chunks(messages):
             if chunk.content or chunk.tool_call_chunks:
-                delay = self.first_token_delay_s if first else self.token_delay_s
+                due += self.first_token_delay_s if first else self.token_delay_s
                 first = False
-                if delay:
-                    await asyncio.sleep(delay)
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
             gen = ChatGenerationChunk(message=chunk)
             if run_manager and isinstance(chunk.content, str) and chunk.content:
                 await run_manager.on_llm_new_token(chunk.content, chunk=gen)
@@ -121,13 +127,15 @@ class ScriptedChatModel(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
+        due = time.monotonic()
         first = True
         for chunk in self._chunks(messages):
             if chunk.content or chunk.tool_call_chunks:
-                delay = self.first_token_delay_s if first else self.token_delay_s
+                due += self.first_token_delay_s if first else self.token_delay_s
                 first = False
-                if delay:
-                    time.sleep(delay)
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
             yield ChatGenerationChunk(message=chunk)
 
     def _generate(

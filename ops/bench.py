@@ -1,0 +1,503 @@
+"""``actorq bench``: streaming speed, jobs per process and memory, against three peers.
+
+Everything runs on this machine: an embedded redis-server, real ``celery worker``
+processes and the scripted chat model. Phases, in order:
+
+1. idle worker: added first-token latency (one job at a time) and Redis memory;
+2. floor (a): the LangChain ``astream`` loop alone, in a process of its own;
+3. load: one worker process, ``--jobs`` concurrent jobs; token rate, delivery
+   lag, worker CPU per token, memory, connections;
+4. fan-in: one router process (this one) tails ``--tail-jobs`` streams at once;
+5. naive (b): one awaited ``XADD`` per token, same jobs as the load phase;
+6. prefork (c): Celery prefork + ``asyncio.run`` per task.
+
+Token entries carry the model-side yield time only in this benchmark (the worker
+runs with ``ACTORQ_STAMP_TOKENS=1``); the memory phase runs without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .bench_measure import (
+    JobTrace,
+    Sampler,
+    cpu_seconds,
+    pct,
+    summarise_lags,
+    tail_job,
+    tree_pids,
+)
+from .bench_peers import bench_config
+from .bench_report import render, targets, write_plot
+from .stack import EmbeddedRedis, WorkerProcess
+
+__all__ = ["BenchOptions", "run_bench"]
+
+@dataclass(frozen=True)
+class BenchOptions:
+    jobs: int = 300
+    tokens: int = 200
+    delay_ms: float = 20.0
+    ttft_ms: float = 100.0
+    idle_jobs: int = 30
+    memory_jobs: int = 50
+    tail_jobs: int = 1000
+    tail_tokens: int = 30
+    tail_delay_ms: float = 100.0
+    prefork: int = 4
+    uvloop: bool = True
+    out_dir: Path = Path("bench-out")
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("jobs", "tokens", "idle_jobs", "memory_jobs", "tail_jobs", "tail_tokens",
+                     "prefork"):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("delay_ms", "ttft_ms", "tail_delay_ms"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0 <= value <= 60_000:
+                raise ValueError(f"{name} must be between 0 and 60000 ms, got {value!r}")
+
+    @classmethod
+    def quick(cls, **over: Any) -> BenchOptions:
+        """A small run that proves every phase works, in well under a minute."""
+        base = cls(
+            jobs=20,
+            tokens=20,
+            delay_ms=10,
+            ttft_ms=20,
+            idle_jobs=3,
+            memory_jobs=3,
+            tail_jobs=40,
+            tail_tokens=5,
+            tail_delay_ms=20,
+            prefork=2,
+        )
+        return replace(base, **over)
+
+
+class _Stack:
+    """The embedded Redis and the environment every process of the run shares."""
+
+    def __init__(self, opts: BenchOptions, log_dir: Path, out: Callable[[str], None]) -> None:
+        from producer.crypto import generate_key
+
+        self.opts, self.log_dir, self.out = opts, log_dir, out
+        self.redis = EmbeddedRedis().start()
+        tag = uuid.uuid4().hex[:8]
+        self.env = {
+            "REDIS_URL": self.redis.url,
+            "CELERY_BROKER_URL": self.redis.url,
+            "ACTORQ_SECRET_KEY": generate_key(),
+            "ACTORQ_QUEUE": f"actorq-bench-{tag}",
+            "ACTORQ_LOG_LEVEL": "WARNING",
+            "ACTORQ_UVLOOP": "1" if opts.uvloop else "0",
+        }
+        self.workers: list[WorkerProcess] = []
+
+    def worker(self, name: str, concurrency: int, **kw: Any) -> WorkerProcess:
+        env = {**self.env, **kw.pop("env", {})}
+        w = WorkerProcess(
+            env=env,
+            name=f"{name}-{uuid.uuid4().hex[:6]}",
+            concurrency=concurrency,
+            log_path=self.log_dir / f"{name}.log",
+            **kw,
+        )
+        self.workers.append(w)
+        w.start()
+        w.wait_ready(self.redis.url, timeout=120)
+        return w
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.stop(timeout=20)
+        self.redis.cleanup()
+
+
+def _client(env: dict[str, str]) -> Any:
+    from producer import Client, Settings
+
+    return Client(Settings.from_env({**os.environ, **env}))
+
+
+def _job_timeout(tokens: int, ttft_ms: float, delay_ms: float) -> float:
+    return 120 + (ttft_ms + tokens * delay_ms) / 1000
+
+
+async def _run_jobs(
+    client: Any,
+    env: dict[str, str],
+    config: dict[str, Any],
+    n: int,
+    timeout: float,
+    on_sample: Callable[[], None],
+) -> list[JobTrace]:
+    """Enqueue ``n`` jobs from another process and tail each here as soon as it exists.
+
+    The enqueuing runs apart, as a web front end would, so this process measures a
+    router that only tails (a thread would take the GIL from the tails' loop).
+    """
+    args = [
+        sys.executable, "-m", "ops.bench_peers", "enqueue", "--jobs", str(n),
+        "--config", json.dumps(config),
+    ]  # fmt: skip
+    proc = await asyncio.create_subprocess_exec(
+        *args, env={**os.environ, **env}, stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    tails: list[asyncio.Task[JobTrace]] = []
+    async for line in proc.stdout:
+        job_id, at = line.decode().split()
+        trace = JobTrace(job_id, enqueued_at=float(at))
+        tails.append(asyncio.ensure_future(tail_job(client, trace, timeout)))
+    if await proc.wait() != 0:
+        raise RuntimeError(f"the enqueuing process failed with {proc.returncode}")
+    pending = set(tails)
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=0.25)
+        on_sample()
+    return [t.result() for t in tails]
+
+
+def _phase_idle(stack: _Stack) -> dict[str, Any]:
+    """One job at a time on an idle worker, then a batch for Redis memory."""
+    o = stack.opts
+    w = stack.worker("idle", concurrency=max(8, o.memory_jobs))
+    client = _client(stack.env)
+    r = client.redis
+    cfg = bench_config(3, o.ttft_ms, 1)
+    timeout = _job_timeout(3, o.ttft_ms, 1)
+
+    async def first_tokens() -> list[JobTrace]:
+        out = []
+        for i in range(o.idle_jobs + 1):
+            job_id = client.enqueue_actor_job(cfg, "bench")
+            trace = await tail_job(client, JobTrace(job_id, enqueued_at=time.time()), timeout)
+            if i:  # the first one warms the worker up (imports, connections)
+                out.append(trace)
+            await asyncio.sleep(0.05)
+        return out
+
+    per_job_cpu: list[float] = []
+
+    async def memory() -> tuple[list[JobTrace], list[JobTrace]]:
+        # Two lengths, so the per-entry cost and the fixed cost of a job can be told apart.
+        big = await _run_jobs(
+            client, stack.env, bench_config(o.tokens, 0, 0), o.memory_jobs, 120, _noop
+        )
+        pids = tree_pids(w.pid)
+        cpu0 = cpu_seconds(pids)
+        small = await _run_jobs(
+            client, stack.env, bench_config(1, 0, 0), o.memory_jobs, 120, _noop
+        )
+        per_job_cpu.append((cpu_seconds(pids) - cpu0) / max(1, len(small)))
+        await client.aclose()
+        return big, small
+
+    async def both() -> tuple[list[JobTrace], tuple[list[JobTrace], list[JobTrace]]]:
+        return await first_tokens(), await memory()
+
+    traces, (big, small) = asyncio.run(both())
+    w.stop()
+    added = [(t.first_token_s or 0) * 1000 - o.ttft_ms for t in traces if t.received]
+    # Where the added first-token time goes: queue + claim, the worker's setup and
+    # first write, then Redis to the tailer (entry ids are Redis's clock, in ms).
+    to_claim, to_redis, to_tailer = [], [], []
+    for t in traces:
+        record = client.get_result(t.job_id)
+        if not (t.received and record and record.started_at):
+            continue
+        stored = int(t.first_id.partition("-")[0]) / 1000
+        to_claim.append((record.started_at - t.enqueued_at) * 1000)
+        to_redis.append((stored - record.started_at) * 1000 - o.ttft_ms)
+        to_tailer.append((t.received[0] - stored) * 1000)
+    sizes_big, sizes_small = _redis_sizes(r, big), _redis_sizes(r, small)
+    client.close()
+    per_entry = (sizes_big["stream"] - sizes_small["stream"]) / max(
+        1, sizes_big["entries"] - sizes_small["entries"]
+    )
+    return {
+        "first_token": {
+            "jobs": len(traces),
+            "errors": sorted({t.error for t in traces if t.error})[:5],
+            "added_ms_p50": pct(added, 50),
+            "added_ms_p99": pct(added, 99),
+            "added_ms_max": max(added) if added else None,
+            "p50_split_ms": {
+                "enqueued_to_claimed": pct(to_claim, 50),
+                "claimed_to_stored_minus_ttft": pct(to_redis, 50),
+                "stored_to_tailer": pct(to_tailer, 50),
+            },
+        },
+        # Claim, load, build the model, finish, Celery's own work: paid once per job.
+        "worker_cpu_ms_per_job": per_job_cpu[0] * 1000 if per_job_cpu else None,
+        "memory": {
+            "jobs": len(big) + len(small),
+            "succeeded": sum(1 for t in big + small if t.status == "succeeded"),
+            "entries_per_job": sizes_big["entries"],
+            "stream_bytes_per_job": sizes_big["stream"],
+            "record_bytes_per_job": sizes_big["record"],
+            "bytes_per_entry": sizes_big["stream"] / max(1, sizes_big["entries"]),
+            "marginal_bytes_per_entry": per_entry,
+            # What a job costs before its entries: record + stream minus its entries.
+            "fixed_bytes_per_job": sizes_small["record"]
+            + sizes_small["stream"]
+            - per_entry * sizes_small["entries"],
+        },
+    }
+
+
+def _noop() -> None:
+    pass
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _redis_sizes(r: Any, traces: list[JobTrace]) -> dict[str, float]:
+    """Mean exact bytes of a job's stream and record, and its entry count."""
+    from producer import keys
+
+    n = max(1, len(traces))
+    pipe = r.pipeline(transaction=False)
+    for t in traces:
+        pipe.memory_usage(keys.events_key(t.job_id), samples=0)
+        pipe.memory_usage(keys.job_key(t.job_id), samples=0)
+        pipe.xlen(keys.events_key(t.job_id))
+    got = pipe.execute()
+    return {
+        "stream": sum(int(x or 0) for x in got[0::3]) / n,
+        "record": sum(int(x or 0) for x in got[1::3]) / n,
+        "entries": sum(int(x or 0) for x in got[2::3]) / n,
+    }
+
+
+def _phase_stream(
+    stack: _Stack, name: str, jobs: int, tokens: int, delay_ms: float
+) -> dict[str, Any]:
+    """``jobs`` concurrent jobs on one worker process, tailed from this process."""
+    o = stack.opts
+    w = stack.worker(name, concurrency=jobs, env={"ACTORQ_STAMP_TOKENS": "1"})
+    client = _client(stack.env)
+    cfg = bench_config(tokens, o.ttft_ms, delay_ms)
+    timeout = _job_timeout(tokens, o.ttft_ms, delay_ms)
+    r = client.redis
+    peak = {"tail_connections": 0, "redis_clients": 0}
+
+    def sample() -> None:
+        peak["tail_connections"] = max(peak["tail_connections"], client.tail.connections)
+
+    async def main() -> tuple[list[JobTrace], float, Sampler]:
+        # One warm-up job: imports, connections and the script cache are not the point.
+        await _run_jobs(client, stack.env, bench_config(2, 0, 0), 1, 60, _noop)
+        pids = tree_pids(w.pid)
+        with Sampler(w.pid, stack.redis.port) as sampler:
+            cpu0 = cpu_seconds(pids)
+            traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample)
+            cpu = cpu_seconds(pids) - cpu0
+            peak["redis_clients"] = int(r.info("clients")["connected_clients"])
+        await client.aclose()
+        return traces, cpu, sampler
+
+    traces, cpu, sampler = asyncio.run(main())
+    w.stop()
+    client.close()
+    out = summarise_lags(traces, delay_ms)
+    out.update(
+        cpu_s=cpu,
+        cpu_us_per_token=cpu / out["tokens"] * 1e6 if out["tokens"] else None,
+        worker_pss_bytes=sampler.peak_pss,
+        worker_redis_connections=sampler.peak_connections,
+        router_tail_connections=peak["tail_connections"],
+        redis_connected_clients=peak["redis_clients"],
+        lags_ms=[lag for t in traces for lag in t.lags_ms],
+    )
+    return out
+
+
+def _make_jobs(stack: _Stack, prefix: str, n: int) -> list[str]:
+    """Job records for a peer's streams, so the same tailer can follow them."""
+    import redis
+
+    from producer import keys
+
+    r = redis.Redis.from_url(stack.redis.url)
+    ids = [f"{prefix}-{i}" for i in range(n)]
+    pipe = r.pipeline(transaction=False)
+    for job_id in ids:
+        pipe.hset(keys.job_key(job_id), mapping={"status": "running", "actor": "bench"})
+        pipe.expire(keys.job_key(job_id), 3600)
+    pipe.execute()
+    r.close()
+    return ids
+
+
+async def _tail_all(client: Any, ids: list[str], timeout: float) -> list[JobTrace]:
+    tasks = [tail_job(client, JobTrace(i, enqueued_at=time.time()), timeout) for i in ids]
+    out = list(await asyncio.gather(*tasks))
+    await client.aclose()
+    return out
+
+
+def _phase_naive(stack: _Stack) -> dict[str, Any]:
+    o = stack.opts
+    prefix = f"naive-{uuid.uuid4().hex[:6]}"
+    ids = _make_jobs(stack, prefix, o.jobs)
+    client = _client(stack.env)
+    args = [
+        sys.executable, "-m", "ops.bench_peers", "naive", "--url", stack.redis.url,
+        "--prefix", prefix, "--jobs", str(o.jobs), "--tokens", str(o.tokens),
+        "--ttft-ms", str(o.ttft_ms), "--delay-ms", str(o.delay_ms),
+    ]  # fmt: skip
+
+    async def main() -> tuple[list[JobTrace], dict[str, Any]]:
+        tails = asyncio.ensure_future(
+            _tail_all(client, ids, _job_timeout(o.tokens, o.ttft_ms, o.delay_ms))
+        )
+        proc = await asyncio.create_subprocess_exec(
+            *args, env={**os.environ, **stack.env}, stdout=subprocess.PIPE
+        )
+        stdout, _ = await asyncio.wait_for(proc.communicate(), 600)
+        return await tails, json.loads(stdout.decode().strip().splitlines()[-1])
+
+    traces, stats = asyncio.run(main())
+    client.close()
+    out = summarise_lags(traces, o.delay_ms)
+    out.update(
+        cpu_s=stats["cpu_s"],
+        cpu_us_per_token=stats["cpu_us_per_token"],
+        lags_ms=[lag for t in traces for lag in t.lags_ms],
+    )
+    return out
+
+
+def _phase_prefork(stack: _Stack) -> dict[str, Any]:
+    """Peer (c): ``--prefork`` children, twice as many jobs as children."""
+    o = stack.opts
+    queue = stack.env["ACTORQ_QUEUE"] + "-prefork"
+    w = stack.worker(
+        "prefork", o.prefork, app="ops.bench_prefork", pool="prefork",
+        env={"ACTORQ_QUEUE": queue},
+    )  # fmt: skip
+    from .bench_prefork import PREFORK_TASK, app
+
+    app.conf.broker_url = stack.redis.url
+    n = 2 * o.prefork
+    ids = _make_jobs(stack, f"prefork-{uuid.uuid4().hex[:6]}", n)
+    client = _client(stack.env)
+    timeout = _job_timeout(o.tokens, o.ttft_ms, o.delay_ms) * 2
+
+    async def main() -> tuple[list[JobTrace], float, Sampler]:
+        pids = tree_pids(w.pid)
+        with Sampler(w.pid, stack.redis.port) as sampler:
+            cpu0 = cpu_seconds(pids)
+            tails = asyncio.ensure_future(_tail_all(client, ids, timeout))
+            for job_id in ids:
+                app.send_task(
+                    PREFORK_TASK, args=[job_id, o.tokens, o.ttft_ms, o.delay_ms], queue=queue
+                )
+            traces = await tails
+            cpu = cpu_seconds(pids) - cpu0
+        return traces, cpu, sampler
+
+    traces, cpu, sampler = asyncio.run(main())
+    w.stop()
+    app.close()
+    client.close()
+    out = summarise_lags(traces, o.delay_ms)
+    out.update(
+        children=o.prefork,
+        cpu_s=cpu,
+        cpu_us_per_token=cpu / out["tokens"] * 1e6 if out["tokens"] else None,
+        worker_pss_bytes=sampler.peak_pss,
+        worker_redis_connections=sampler.peak_connections,
+        lags_ms=[lag for t in traces for lag in t.lags_ms],
+    )
+    return out
+
+
+def _floor(o: BenchOptions) -> dict[str, Any]:
+    args = [
+        sys.executable, "-m", "ops.bench_peers", "floor", "--jobs", str(o.jobs),
+        "--tokens", str(o.tokens), "--ttft-ms", str(o.ttft_ms), "--delay-ms", str(o.delay_ms),
+    ]  # fmt: skip
+    env = {**os.environ, "ACTORQ_UVLOOP": "1" if o.uvloop else "0"}
+    done = subprocess.run(args, env=env, capture_output=True, check=True, timeout=600)
+    return dict(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+
+
+def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every phase; print the table, write JSON (and the plot); return the results."""
+    started = time.time()
+    log_dir = Path(tempfile.mkdtemp(prefix="actorq-bench-"))
+    out(f"actorq bench: {opts.jobs} jobs x {opts.tokens} tokens, {opts.delay_ms} ms apart, "
+        f"ttft {opts.ttft_ms} ms (logs: {log_dir})")  # fmt: skip
+    results: dict[str, Any] = {"options": {**asdict(opts), "out_dir": str(opts.out_dir)}}
+    stack = _Stack(opts, log_dir, out)
+    mark = time.time()
+
+    def lap() -> str:
+        nonlocal mark
+        took, mark = time.time() - mark, time.time()
+        return f"    ({took:.1f} s)"
+
+    try:
+        out("  idle worker: first-token latency, Redis memory ...")
+        results["idle"] = _phase_idle(stack)
+        out(lap())
+        # Right before the load it is compared with, so both see the same machine.
+        out("  floor (a): in-process astream ...")
+        results["floor"] = _floor(opts)
+        out(lap())
+        out(f"  load: {opts.jobs} concurrent jobs on one worker process ...")
+        results["load"] = _phase_stream(stack, "load", opts.jobs, opts.tokens, opts.delay_ms)
+        out(lap())
+        out(f"  fan-in: {opts.tail_jobs} concurrent tails in one router process ...")
+        results["fanin"] = _phase_stream(
+            stack, "fanin", opts.tail_jobs, opts.tail_tokens, opts.tail_delay_ms
+        )
+        out(lap())
+        out("  naive (b): one awaited XADD per token ...")
+        results["naive"] = _phase_naive(stack)
+        out(lap())
+        out(f"  prefork (c): {opts.prefork} children, asyncio.run per task ...")
+        results["prefork"] = _phase_prefork(stack)
+        out(lap())
+    finally:
+        stack.close()
+    results["targets"] = targets(results)
+    results["machine"] = {
+        "cpus": os.cpu_count(),
+        "load_avg_after": os.getloadavg(),
+        "python": sys.version.split()[0],
+        "uvloop": _has("uvloop") and opts.uvloop,
+        "hiredis": _has("hiredis"),
+    }
+    results["elapsed_s"] = time.time() - started
+    opts.out_dir.mkdir(parents=True, exist_ok=True)
+    lags = {k: results[k].pop("lags_ms") for k in ("load", "fanin", "naive", "prefork")}
+    (opts.out_dir / "bench.json").write_text(json.dumps(results, indent=2, default=str))
+    out(render(results))
+    if opts.plot:
+        png = write_plot(lags, opts.out_dir / "bench-lag.png")
+        out(f"plot: {png}" if png else "plot: skipped (pip install 'actorq[bench]' for matplotlib)")
+    out(f"json: {opts.out_dir / 'bench.json'}  ({results['elapsed_s']:.0f} s)")
+    return results

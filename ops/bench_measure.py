@@ -1,0 +1,239 @@
+"""Measuring instruments of ``actorq bench``: percentiles, process CPU and memory,
+Redis connections per process, and the tailer that timestamps every token.
+
+CPU, memory and sockets are read from ``/proc`` (Linux), so the figures are the
+kernel's, not a sampling profiler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "JobTrace",
+    "Sampler",
+    "cpu_seconds",
+    "pct",
+    "pss_bytes",
+    "redis_connections",
+    "summarise_lags",
+    "tail_job",
+    "timeline",
+    "tree_pids",
+]
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def pct(values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of ``values``; ``None`` when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and all its descendants (prefork children included)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+    return out
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time consumed so far by ``pids`` (threads included)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
+def pss_bytes(pids: Iterable[int]) -> int:
+    """Proportional set size of ``pids``: shared pages counted once across them."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+def redis_connections(pid: int, port: int) -> int:
+    """Established TCP connections from process ``pid`` to 127.0.0.1:``port``."""
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    want = f"{port:04X}"
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == "01" and cols[2].rsplit(":", 1)[1] == want and cols[9] in inodes:
+                    count += 1
+    return count
+
+
+class Sampler:
+    """Samples a process tree's memory (and Redis connections) in the background."""
+
+    def __init__(self, pid: int, redis_port: int, every_s: float = 0.25) -> None:
+        self.pid, self.port, self.every_s = pid, redis_port, every_s
+        self.peak_pss = 0
+        self.peak_connections = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def sample(self) -> None:
+        pids = tree_pids(self.pid)
+        self.peak_pss = max(self.peak_pss, pss_bytes(pids))
+        self.peak_connections = max(
+            self.peak_connections, sum(redis_connections(p, self.port) for p in pids)
+        )
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(self.every_s)
+
+    def __enter__(self) -> Sampler:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        self.sample()
+
+
+@dataclass
+class JobTrace:
+    """What a tailer saw of one job."""
+
+    job_id: str
+    enqueued_at: float = 0.0  # unix time enqueue_actor_job() returned
+    received: list[float] = field(default_factory=list)  # unix time of each token
+    lags_ms: list[float] = field(default_factory=list)  # receive time - model yield time
+    # The part of each lag spent before Redis stored the entry (its id is Redis's clock, ms).
+    write_ms: list[float] = field(default_factory=list)
+    status: str = ""
+    error: str = ""
+    first_id: str = ""  # entry id of the first token (Redis's clock, ms)
+
+    @property
+    def first_token_s(self) -> float | None:
+        return self.received[0] - self.enqueued_at if self.received else None
+
+    def rate_fraction(self, delay_ms: float) -> float | None:
+        """Nominal over achieved inter-token time, first to last token."""
+        if len(self.received) < 2 or delay_ms <= 0:
+            return None
+        span = self.received[-1] - self.received[0]
+        return (len(self.received) - 1) * delay_ms / 1000 / span if span > 0 else None
+
+
+async def tail_job(client: Any, trace: JobTrace, timeout: float) -> JobTrace:
+    """Follow one job to its ``done`` entry, timestamping every token on arrival."""
+    try:
+        async for event in client.astream_events(trace.job_id, timeout=timeout):
+            now = time.time()
+            if event.type == "token":
+                if not trace.received:
+                    trace.first_id = event.id
+                trace.received.append(now)
+                ts = event.fields.get("ts")
+                if ts:
+                    yielded = float(ts)
+                    trace.lags_ms.append((now - yielded) * 1000)
+                    stored_ms = int(event.id.partition("-")[0])
+                    trace.write_ms.append(stored_ms - yielded * 1000)
+            elif event.terminal:
+                trace.status = event.fields.get("status", "")
+    except Exception as exc:  # recorded, so one failed job shows in the report
+        trace.error = f"{type(exc).__name__}: {exc}"
+    return trace
+
+
+def summarise_lags(traces: Sequence[JobTrace], delay_ms: float) -> dict[str, Any]:
+    """Lag percentiles, rate fraction and completion counts over ``traces``."""
+    lags = [lag for t in traces for lag in t.lags_ms]
+    writes = [w for t in traces for w in t.write_ms]
+    spans = [
+        (len(t.received) - 1, t.received[-1] - t.received[0])
+        for t in traces
+        if len(t.received) >= 2
+    ]
+    gaps = sum(n for n, _ in spans)
+    span = sum(s for _, s in spans)
+    return {
+        "jobs": len(traces),
+        "succeeded": sum(1 for t in traces if t.status == "succeeded"),
+        "errors": sorted({t.error for t in traces if t.error})[:5],
+        "tokens": sum(len(t.received) for t in traces),
+        "lag_ms": {
+            "p50": pct(lags, 50),
+            "p99": pct(lags, 99),
+            "p99_9": pct(lags, 99.9),
+            "max": max(lags) if lags else None,
+        },
+        # Redis ids have millisecond resolution: these split a lag to within ~1 ms.
+        "to_redis_ms": {"p50": pct(writes, 50), "p99": pct(writes, 99)},
+        "from_redis_ms": {
+            "p50": pct([lag - w for lag, w in zip(lags, writes, strict=True)], 50),
+            "p99": pct([lag - w for lag, w in zip(lags, writes, strict=True)], 99),
+        },
+        "rate_fraction": (gaps * delay_ms / 1000 / span) if span > 0 and delay_ms > 0 else None,
+        "peak_concurrent": peak_concurrency(traces),
+        "timeline": timeline(traces),
+    }
+
+
+def timeline(traces: Sequence[JobTrace]) -> list[dict[str, Any]]:
+    """Per second of the run: tokens received and their lag p50/p99 — lag against load."""
+    starts = [t.received[0] for t in traces if t.received]
+    if not starts:
+        return []
+    t0 = min(starts)
+    seconds: dict[int, list[float]] = {}
+    for t in traces:
+        for at, lag in zip(t.received, t.lags_ms, strict=False):
+            seconds.setdefault(int(at - t0), []).append(lag)
+    return [
+        {"second": k, "tokens": len(v), "lag_p50_ms": pct(v, 50), "lag_p99_ms": pct(v, 99)}
+        for k, v in sorted(seconds.items())
+    ]
+
+
+def peak_concurrency(traces: Sequence[JobTrace]) -> int:
+    """Most jobs streaming at one instant (first to last token at the tailer)."""
+    edges = sorted(
+        [(t.received[0], 1) for t in traces if t.received]
+        + [(t.received[-1], -1) for t in traces if t.received]
+    )
+    peak = cur = 0
+    for _, step in edges:
+        cur += step
+        peak = max(peak, cur)
+    return peak

@@ -1,0 +1,193 @@
+"""The verdicts, the table and the plot of ``actorq bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["render", "targets", "write_plot"]
+
+GIB = 1024**3
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _per_gib(phase: dict[str, Any]) -> float | None:
+    pss = phase.get("worker_pss_bytes")
+    return phase["peak_concurrent"] / (pss / GIB) if pss else None
+
+
+def _row(n: str, what: str, goal: str, value: float | None, ok: bool | None) -> dict[str, Any]:
+    return {"target": n, "what": what, "goal": goal, "value": value, "ok": ok}
+
+
+def _le(v: float | None, limit: float) -> bool | None:
+    return None if v is None else v <= limit
+
+
+def _ge(v: float | None, limit: float) -> bool | None:
+    return None if v is None else v >= limit
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per figure the issue sets a target for, with its verdict."""
+    load, fanin, idle, floor = res["load"], res["fanin"], res["idle"], res["floor"]
+    ft, mem = idle["first_token"], idle["memory"]
+    cpu_ratio = _ratio(load["cpu_us_per_token"], floor["cpu_us_per_token"])
+    ours, prefork = _per_gib(load), _per_gib(res["prefork"])
+    fixed = mem["fixed_bytes_per_job"]
+    rows = [
+        _row("1", "token rate / nominal", ">= 0.97", load["rate_fraction"],
+             _ge(load["rate_fraction"], 0.97)),
+        _row("1", "delivery lag p50 (ms)", "<= 5", load["lag_ms"]["p50"],
+             _le(load["lag_ms"]["p50"], 5)),
+        _row("1", "delivery lag p99 (ms)", "<= 25", load["lag_ms"]["p99"],
+             _le(load["lag_ms"]["p99"], 25)),
+        _row("2", "worker CPU/token vs floor (a)", "<= 1.5x", cpu_ratio, _le(cpu_ratio, 1.5)),
+        _row("3", "added first-token p50 (ms)", "<= 5", ft["added_ms_p50"],
+             _le(ft["added_ms_p50"], 5)),
+        _row("3", "added first-token p99 (ms)", "<= 15", ft["added_ms_p99"],
+             _le(ft["added_ms_p99"], 15)),
+        _row("4", f"router connections, {fanin['jobs']} tails", "<= 4",
+             fanin["router_tail_connections"], _le(fanin["router_tail_connections"], 4)),
+        _row("4", "fan-in delivery lag p99 (ms)", "<= 25", fanin["lag_ms"]["p99"],
+             _le(fanin["lag_ms"]["p99"], 25)),
+        # Per entry as a job grows; what a stream costs regardless of length is in "fixed".
+        _row("5", "Redis bytes per token entry", "<= 64", mem["marginal_bytes_per_entry"],
+             _le(mem["marginal_bytes_per_entry"], 64)),
+        _row("5", "Redis fixed bytes per job", "<= 8192", fixed, _le(fixed, 8192)),
+        _row("6", "streams per GiB vs prefork (c)", ">= 5x", _ratio(ours, prefork),
+             _ge(_ratio(ours, prefork), 5)),
+    ]  # fmt: skip
+    return rows
+
+
+def _f(v: Any, digits: int = 2) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def render(res: dict[str, Any]) -> str:
+    """The two tables: targets with verdicts, then the peers side by side."""
+    verdict = {True: "ok", False: "MISS", None: "n/a"}
+    t = _table(
+        ["#", "figure", "goal", "measured", ""],
+        [[r["target"], r["what"], r["goal"], _f(r["value"]), verdict[r["ok"]]]
+         for r in res["targets"]],
+    )  # fmt: skip
+    floor, load, naive, prefork = res["floor"], res["load"], res["naive"], res["prefork"]
+    fan = res["fanin"]
+    cols = [("floor (a)", floor), ("actorq", load), ("actorq fan-in", fan),
+            ("naive (b)", naive), ("prefork (c)", prefork)]  # fmt: skip
+
+    def get(d: dict[str, Any], *path: str) -> Any:
+        for k in path:
+            if not isinstance(d, dict) or k not in d:
+                return None
+            d = d[k]
+        return d
+
+    def per_gib(d: dict[str, Any]) -> Any:
+        return _per_gib(d) if "peak_concurrent" in d else None
+
+    rows = [
+        ["jobs x tokens", *[f"{d.get('jobs')} x {d.get('tokens', 0) // max(1, d.get('jobs') or 1)}" for _, d in cols]],
+        ["token rate / nominal", *[_f(d.get("rate_fraction"), 3) for _, d in cols]],
+        ["lag p50 ms", *[_f(get(d, "lag_ms", "p50")) for _, d in cols]],
+        ["lag p99 ms", *[_f(get(d, "lag_ms", "p99")) for _, d in cols]],
+        ["lag p99.9 ms", *[_f(get(d, "lag_ms", "p99_9")) for _, d in cols]],
+        ["lag p99, yield to Redis", *[_f(get(d, "to_redis_ms", "p99")) for _, d in cols]],
+        ["lag p99, Redis to tailer", *[_f(get(d, "from_redis_ms", "p99")) for _, d in cols]],
+        ["CPU us / token", *[_f(d.get("cpu_us_per_token"), 1) for _, d in cols]],
+        ["CPU vs floor", *[_f(_ratio(d.get("cpu_us_per_token"), floor["cpu_us_per_token"])) for _, d in cols]],
+        ["peak concurrent streams", *[_f(d.get("peak_concurrent")) for _, d in cols]],
+        ["worker PSS MiB", *[_f((d.get("worker_pss_bytes") or 0) / 2**20 or None, 1) for _, d in cols]],
+        ["streams / GiB", *[_f(per_gib(d), 0) for _, d in cols]],
+        ["worker Redis conns", *[_f(d.get("worker_redis_connections")) for _, d in cols]],
+        ["router tail conns", *[_f(d.get("router_tail_connections")) for _, d in cols]],
+    ]  # fmt: skip
+    p = _table(["", *[name for name, _ in cols]], rows)
+    mem = res["idle"]["memory"]
+    per_job = res["idle"].get("worker_cpu_ms_per_job")
+    steady = None
+    if per_job is not None and load.get("cpu_us_per_token") and load["jobs"]:
+        tokens_per_job = load["tokens"] / load["jobs"]
+        steady = load["cpu_us_per_token"] - per_job * 1000 / max(1.0, tokens_per_job)
+    split = res["idle"]["first_token"].get("p50_split_ms") or {}
+    notes = (
+        "Added first-token time, p50 by part (ms): enqueue to claim "
+        f"{_f(split.get('enqueued_to_claimed'))}, claim to first entry stored minus the "
+        f"model's ttft {_f(split.get('claimed_to_stored_minus_ttft'))}, Redis to tailer "
+        f"{_f(split.get('stored_to_tailer'))}.\n"
+        f"Worker CPU per job (claim, build, finish, Celery): {_f(per_job)} ms; per token "
+        f"without it: {_f(steady, 1)} us ({_f(_ratio(steady, floor['cpu_us_per_token']))}x "
+        f"floor).\n"
+        f"Redis, a job of {mem['entries_per_job']:.0f} entries: stream "
+        f"{mem['stream_bytes_per_job']:.0f} B ({mem['bytes_per_entry']:.0f} B/entry on average, "
+        f"{mem['marginal_bytes_per_entry']:.0f} B/entry marginal), record "
+        f"{mem['record_bytes_per_job']:.0f} B, fixed {mem['fixed_bytes_per_job']:.0f} B.\n"
+        f"prefork (c) in the same memory as actorq's worker: "
+        f"{_f(_same_memory(load, prefork), 0)} streams vs {load['peak_concurrent']}."
+    )
+    seconds = [x for x in load.get("timeline", []) if x["lag_p50_ms"] is not None]
+    if seconds:
+        notes += "\nactorq lag by second of the load (tokens/s: p50/p99 ms): " + ", ".join(
+            f"{x['tokens']}: {x['lag_p50_ms']:.0f}/{x['lag_p99_ms']:.0f}" for x in seconds
+        )
+    m = res.get("machine", {})
+    notes += (
+        f"\nmachine: {m.get('cpus')} CPUs, load average after the run "
+        f"{', '.join(f'{x:.2f}' for x in m.get('load_avg_after', ()))}; uvloop "
+        f"{'on' if m.get('uvloop') else 'off'}, hiredis {'on' if m.get('hiredis') else 'off'}."
+    )
+    failed = [k for k in ("load", "fanin", "naive", "prefork") if res[k]["succeeded"] < res[k]["jobs"]]
+    warn = f"\nWARNING: unfinished jobs in {', '.join(failed)}" if failed else ""
+    return f"\n{t}\n\n{p}\n\n{notes}{warn}"
+
+
+def _same_memory(ours: dict[str, Any], prefork: dict[str, Any]) -> float | None:
+    per = _per_gib(prefork)
+    pss = ours.get("worker_pss_bytes")
+    return per * pss / GIB if per and pss else None
+
+
+def write_plot(lags: dict[str, list[float]], path: Path) -> Path | None:
+    """Lag distributions (ECDF, log scale) as a PNG; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = {"load": "actorq", "fanin": "actorq fan-in", "naive": "naive XADD (b)",
+              "prefork": "prefork + asyncio.run (c)"}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, values in lags.items():
+        if not values:
+            continue
+        xs = sorted(max(v, 0.01) for v in values)
+        ys = [(i + 1) / len(xs) for i in range(len(xs))]
+        ax.plot(xs, ys, label=f"{labels.get(key, key)} (n={len(xs):,})")
+    ax.set_xscale("log")
+    ax.set_xlabel("delivery lag: model yield to tailer (ms)")
+    ax.set_ylabel("fraction of tokens")
+    ax.axvline(5, color="grey", linestyle=":", linewidth=1)
+    ax.axvline(25, color="grey", linestyle="--", linewidth=1)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,81 @@
+"""``actorq bench --quick`` end to end: every phase runs and every figure is reported.
+
+No timing assertions: speed figures are for the benchmark to print, not for the
+suite to judge on a shared machine.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from ops.bench import BenchOptions, run_bench
+from ops.cli import main
+
+FIGURES = {
+    "floor": ["cpu_us_per_token", "rate_fraction", "tokens"],
+    "load": ["rate_fraction", "cpu_us_per_token", "worker_pss_bytes", "worker_redis_connections",
+             "router_tail_connections", "redis_connected_clients", "peak_concurrent"],
+    "fanin": ["router_tail_connections", "peak_concurrent"],
+    "naive": ["cpu_us_per_token", "rate_fraction"],
+    "prefork": ["cpu_us_per_token", "worker_pss_bytes", "peak_concurrent"],
+}  # fmt: skip
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
+    lines: list[str] = []
+    opts = BenchOptions.quick(out_dir=tmp_path)
+    results = run_bench(opts, out=lines.append)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["targets"] == json.loads(json.dumps(results["targets"]))
+    for phase, names in FIGURES.items():
+        for name in names:
+            assert _number(data[phase][name]), (phase, name, data[phase].get(name))
+    for phase in ("load", "fanin", "naive", "prefork"):
+        part = data[phase]
+        assert part["succeeded"] == part["jobs"] > 0, (phase, part["errors"])
+        assert part["tokens"] > 0
+        for q in ("p50", "p99", "p99_9"):
+            assert _number(part["lag_ms"][q]), (phase, q)
+        assert "lags_ms" not in part  # raw samples go to the plot, not the JSON
+    assert data["load"]["tokens"] == opts.jobs * opts.tokens
+    assert sum(x["tokens"] for x in data["load"]["timeline"]) == data["load"]["tokens"]
+    assert data["fanin"]["jobs"] == opts.tail_jobs
+    assert 1 <= data["fanin"]["router_tail_connections"] <= 4
+    idle = data["idle"]
+    for name in ("added_ms_p50", "added_ms_p99"):
+        assert _number(idle["first_token"][name]), name
+    assert _number(idle["worker_cpu_ms_per_job"])
+    mem = idle["memory"]
+    assert mem["succeeded"] == mem["jobs"]
+    assert mem["entries_per_job"] == opts.tokens + 2  # start, tokens, done
+    for name in ("bytes_per_entry", "fixed_bytes_per_job", "record_bytes_per_job"):
+        assert _number(mem[name]) and mem[name] > 0, name
+    # Redis allocates stream nodes in steps: few entries may cost no extra bytes.
+    assert _number(mem["marginal_bytes_per_entry"]) and mem["marginal_bytes_per_entry"] >= 0
+    # One verdict row per figure the issue sets a target for, targets 1 to 6.
+    assert sorted({row["target"] for row in data["targets"]}) == ["1", "2", "3", "4", "5", "6"]
+    assert all(_number(row["value"]) and row["ok"] in (True, False) for row in data["targets"])
+    assert (tmp_path / "bench-lag.png").stat().st_size > 1000
+    text = "\n".join(lines)
+    for label in ("floor (a)", "naive (b)", "prefork (c)", "token rate / nominal", "MiB"):
+        assert label in text
+
+
+def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["bench", "--jobs", "many"])
+    assert "--jobs" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--jobs", "0"]) == 2
+    assert "jobs must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "--delay-ms", "-5"]) == 2
+    assert "delay_ms" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="tail_jobs"):
+        BenchOptions(tail_jobs=0)

@@ -1,0 +1,85 @@
+"""The per-run time limits of an execution (one timer per run, not per event)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from worker.errors import LimitExceeded
+from worker.runtime.guard import Guard
+
+
+async def _ticks(gaps: list[float]) -> AsyncIterator[int]:
+    for i, gap in enumerate(gaps):
+        await asyncio.sleep(gap)
+        yield i
+
+
+async def _drain(guard: Guard, source: AsyncIterator[int]) -> list[int]:
+    out = []
+    try:
+        while True:
+            try:
+                out.append(await guard.next(source))
+            except StopAsyncIteration:
+                return out
+    finally:
+        guard.close()
+
+
+def test_steady_source_runs_to_the_end() -> None:
+    async def main() -> list[int]:
+        return await _drain(Guard(2000, 100), _ticks([0.01] * 30))
+
+    assert asyncio.run(main()) == list(range(30))
+
+
+def test_stall_is_one_long_wait_not_the_total() -> None:
+    async def main() -> list[int]:
+        guard = Guard(None, 80)
+        got: list[int] = []
+        with pytest.raises(LimitExceeded) as info:
+            got += await _drain(guard, _ticks([0.03] * 5 + [0.5]))
+        assert info.value.limit == "stall_timeout_ms"
+        return got
+
+    asyncio.run(main())
+
+
+def test_deadline_counts_the_whole_run() -> None:
+    async def main() -> None:
+        with pytest.raises(LimitExceeded) as info:
+            await _drain(Guard(150, 1000), _ticks([0.03] * 20))
+        assert info.value.limit == "timeout_ms"
+        assert info.value.timed_out
+
+    asyncio.run(main())
+
+
+def test_time_spent_by_the_consumer_is_not_a_stall() -> None:
+    async def main() -> list[int]:
+        guard, source, out = Guard(None, 60), _ticks([0.0] * 4), []
+        try:
+            while True:
+                try:
+                    out.append(await guard.next(source))
+                except StopAsyncIteration:
+                    return out
+                await asyncio.sleep(0.1)  # the consumer is slow; the model is not
+        finally:
+            guard.close()
+
+    assert asyncio.run(main()) == [0, 1, 2, 3]
+
+
+def test_outside_cancellation_stays_a_cancellation() -> None:
+    async def main() -> None:
+        task = asyncio.ensure_future(_drain(Guard(5000, 5000), _ticks([1.0])))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
