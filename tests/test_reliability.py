@@ -185,7 +185,8 @@ def test_cancel_running_jobs_stops_them_closes_the_http_stream_and_keeps_usage(
 ) -> None:
     c = pool.client
     model = openai_server.script(
-        f"slow-{uuid.uuid4().hex[:6]}", Reply(text=WORDS * 5, chunk_delay_s=0.05)
+        # 2,000 tokens 50 ms apart: no job can end on its own while the test cancels.
+        f"slow-{uuid.uuid4().hex[:6]}", Reply(text=WORDS * 50, chunk_delay_s=0.05)
     )
     jobs = [
         c.enqueue_actor_job(openai_llm(openai_server.base_url, model), f"go {i}") for i in range(6)
@@ -216,7 +217,7 @@ def test_cancel_running_jobs_stops_them_closes_the_http_stream_and_keeps_usage(
         assert record is not None and record.status is JobStatus.CANCELLED
         assert record.result is not None
         streamed = final_text(events)
-        assert 0 < len(streamed) < len(WORDS * 5)
+        assert 0 < len(streamed) < len(WORDS * 50)
         assert record.result.text == streamed  # the partial result is what was streamed
         assert record.result.finish_reason == "cancelled"
         assert record.result.model_calls == 1
