@@ -249,8 +249,9 @@ def test_rabbitmq_broker_core_path_duplicates_cancel_and_a_killed_worker(
         assert record is not None and record.status is JobStatus.SUCCEEDED
         assert "".join(e.text for e in events if e.type == "token") == REPLY
 
-        # A duplicate while running is fenced; cancel stops the run.
-        job_id = client.enqueue_actor_job(scripted(REPLY, token_delay_ms=50), "go")
+        # A duplicate while running is fenced; cancel stops the run (a 40 s reply: it
+        # is still running however slowly the duplicate is seen).
+        job_id = client.enqueue_actor_job(scripted(REPLY * 20, token_delay_ms=50), "go")
         wait_until(lambda: tokens_seen(client, job_id, 3), 20, "the job to stream")
         send_duplicate(client, job_id)
         wait_until(lambda: log_count(workers, f"job {job_id}: not run (busy)"), 20, "the dup")
