@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 import redis
 
 from ops.stack import WorkerProcess
-from producer import Client, Event, JobRecord, final_text
-from producer.schema import SCHEMA_VERSION, TASK_NAME
+from producer import Client, Event, JobRecord, JobStatus, final_text
+from producer.schema import TASK_NAME, task_message
 
 T = TypeVar("T")
 
@@ -73,9 +73,7 @@ def log_count(workers: Sequence[WorkerProcess], text: str) -> int:
 
 def send_duplicate(client: Client, job_id: str, actor: str = "tester") -> None:
     """Deliver the job's task again, by name, as a broker redelivery would."""
-    client.celery.send_task(
-        TASK_NAME, args=[job_id, actor], kwargs={"v": SCHEMA_VERSION}, queue=client.settings.queue
-    )
+    client.celery.send_task(TASK_NAME, queue=client.settings.queue, **task_message(job_id, actor))
 
 
 def check_one_ending(events: Sequence[Event], record: JobRecord | None) -> None:
@@ -108,3 +106,17 @@ def openai_llm(base_url: str, model: str, **extra: Any) -> dict[str, Any]:
         "base_url": base_url,
         **extra,
     }
+
+
+def check_restarted_once(events: Sequence[Event], record: JobRecord | None, text: str) -> None:
+    """Attempt 2 succeeded after exactly one ``reset`` (restart); readers end with ``text``."""
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.SUCCEEDED and record.attempt == 2
+    types = [e.type for e in events]
+    assert types.count("reset") == 1 and types.count("start") == 2
+    reset = events[types.index("reset")]
+    assert reset.fields["reason"] == "restart" and reset.fields["attempt"] == "2"
+    after = [e.text for e in events[types.index("reset") :] if e.type == "token"]
+    assert "".join(after) == text  # not one token of the old attempt after the reset
+    assert final_text(events) == text
+    assert record.result is not None and record.result.text == text
