@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +36,10 @@ class RedisTarget:
 def redis_target() -> Iterator[RedisTarget]:
     url = os.environ.get("REDIS_URL")
     if url:
-        yield RedisTarget(url, None)
+        started = time.time()
+        target = RedisTarget(url, None)
+        yield target
+        _forget_jobs_since(target.client(), started)
         return
     server = EmbeddedRedis().start()
     try:
@@ -44,13 +48,30 @@ def redis_target() -> Iterator[RedisTarget]:
         server.cleanup()
 
 
+def _forget_jobs_since(r: redis.Redis, since: float) -> None:
+    """On a Redis the suite does not own, delete the jobs it enqueued (and their keys)."""
+    from producer import keys, scripts
+
+    ids = [i.decode() for i in r.zrangebyscore(keys.JOBS_INDEX, since, "+inf")]
+    for job_id in ids:
+        r.delete(*scripts.job_keys(job_id))
+    if ids:
+        r.zrem(keys.JOBS_INDEX, *ids)
+        r.zrem(keys.RUNNING_INDEX, *ids)
+    mine = set(ids)
+    for idem in r.scan_iter(match=keys.idempotency_key("*"), count=1000):
+        if (r.get(idem) or b"").decode() in mine:
+            r.delete(idem)
+    r.close()
+
+
 @pytest.fixture(scope="session")
 def session_tag() -> str:
     return uuid.uuid4().hex[:8]
 
 
 @pytest.fixture(scope="session")
-def stack_env(redis_target: RedisTarget, session_tag: str) -> dict[str, str]:
+def stack_env(redis_target: RedisTarget, session_tag: str) -> Iterator[dict[str, str]]:
     env = {
         "REDIS_URL": redis_target.url,
         "ACTORQ_SECRET_KEY": generate_key(),
@@ -60,7 +81,12 @@ def stack_env(redis_target: RedisTarget, session_tag: str) -> dict[str, str]:
     }
     if os.environ.get("CELERY_BROKER_URL"):
         env["CELERY_BROKER_URL"] = os.environ["CELERY_BROKER_URL"]
-    return env
+    yield env
+    if redis_target.embedded is None:  # a Redis we don't own: drop this session's queue keys
+        r = redis_target.client()
+        for key in r.scan_iter(match=f"*{env['ACTORQ_QUEUE']}*", count=1000):
+            r.delete(key)
+        r.close()
 
 
 WorkerFactory = Callable[..., WorkerProcess]
