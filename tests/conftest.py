@@ -82,6 +82,12 @@ def stack_env(redis_target: RedisTarget, session_tag: str) -> Iterator[dict[str,
     if os.environ.get("CELERY_BROKER_URL"):
         env["CELERY_BROKER_URL"] = os.environ["CELERY_BROKER_URL"]
     yield env
+    broker = env.get("CELERY_BROKER_URL", "")
+    if broker.startswith("amqp"):  # a RabbitMQ we don't own: drop this session's queue
+        from kombu import Connection
+
+        with Connection(broker, connect_timeout=5) as conn:
+            conn.default_channel.queue_delete(env["ACTORQ_QUEUE"])
     if redis_target.embedded is None:  # a Redis we don't own: drop this session's queue keys
         r = redis_target.client()
         for key in r.scan_iter(match=f"*{env['ACTORQ_QUEUE']}*", count=1000):
