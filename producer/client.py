@@ -396,11 +396,8 @@ class Client:
             raise InvalidInput("job_id", "must match [A-Za-z0-9_-]{1,64}")
 
 
-_CURSOR = re.compile(r"^(0|\d+(-\d+)?)$")
-
-
 def _check_cursor(after: object) -> None:
-    if not isinstance(after, str) or not _CURSOR.fullmatch(after):
+    if not keys.valid_entry_id(after):
         raise InvalidInput("after", "must be a stream entry id such as '0' or '1700000000000-0'")
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "idempotency_key",
     "job_key",
     "lease_key",
+    "valid_entry_id",
     "valid_job_id",
 ]
 
@@ -43,6 +44,21 @@ RUNNING_INDEX = f"{PREFIX}:running"
 def valid_job_id(job_id: object) -> bool:
     """True when ``job_id`` is safe to embed in a key (no tag or separator injection)."""
     return isinstance(job_id, str) and JOB_ID_PATTERN.fullmatch(job_id) is not None
+
+
+_ENTRY_ID = re.compile(r"^(0|[0-9]{1,20}(-[0-9]{1,20})?)$")
+_U64_MAX = 2**64 - 1
+
+
+def valid_entry_id(entry_id: object) -> bool:
+    """True for a stream entry id Redis accepts as an XREAD cursor (``0``, ``ms`` or ``ms-seq``).
+
+    Both parts must fit in 64 bits: Redis rejects a larger one, and on a shared
+    multi-stream XREAD that would fail every other reader's call too.
+    """
+    if not isinstance(entry_id, str) or not _ENTRY_ID.fullmatch(entry_id):
+        return False
+    return all(int(part) <= _U64_MAX for part in entry_id.split("-"))
 
 
 def job_key(job_id: str) -> str:

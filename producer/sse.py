@@ -90,8 +90,7 @@ def resume_cursor(last_event_id: str | None, after: str | None = None) -> str:
         if value is None or value.strip() == "":
             continue
         value = value.strip()
-        ms, dash, seq = value.partition("-")
-        if not (ms.isdigit() and (not dash or seq.isdigit())) or len(value) > 41:
+        if not keys.valid_entry_id(value):
             raise InvalidInput("after", f"{name} must be a stream entry id such as 1700000000000-0")
         return value
     return "0"

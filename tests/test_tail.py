@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from producer import Client, JobNotFound, JobTimeout, keys
+from producer import Client, InvalidInput, JobNotFound, JobTimeout, keys
 from producer.tail import Tail
 
 
@@ -104,7 +104,9 @@ def test_resume_gets_each_later_entry_once(client: Client) -> None:
 def test_two_tails_of_one_stream_at_different_cursors(client: Client) -> None:
     r = client.redis
     job = _new_job(r)
-    ids = [r.xadd(keys.events_key(job), {"type": "token", "text": str(i)}).decode() for i in range(6)]
+    ids = [
+        r.xadd(keys.events_key(job), {"type": "token", "text": str(i)}).decode() for i in range(6)
+    ]
 
     async def main() -> tuple[list[Any], list[Any]]:
         early = asyncio.create_task(_collect(client, job, after=ids[4]))
@@ -158,3 +160,25 @@ def test_slow_consumer_is_paused_and_loses_nothing(redis_target: Any) -> None:
     got = asyncio.run(main())
     r.close()
     assert got == ["", *map(str, range(40))]
+
+
+def test_a_bad_cursor_is_refused_before_it_reaches_a_shared_read(client: Client) -> None:
+    """An id above 2**64 or with non-ASCII digits is its caller's input error only."""
+    r = client.redis
+    job_id = _new_job(r)
+
+    async def main() -> list[Any]:
+        live = asyncio.create_task(_collect(client, job_id, timeout=30))
+        await asyncio.sleep(0.1)  # the live tail is blocked in the shared XREAD now
+        for bad in (str(2**64), f"1-{2**64}", "\u0661", "1\u00b2"):
+            with pytest.raises(InvalidInput) as err:
+                await _collect(client, job_id, after=bad, timeout=5)
+            assert err.value.field == "after"
+            with pytest.raises(InvalidInput):
+                next(iter(client.stream_events(job_id, after=bad, timeout=5)))
+        r.xadd(keys.events_key(job_id), {"type": "done", "status": "succeeded"})
+        events = await asyncio.wait_for(live, 30)
+        await client.aclose()
+        return events
+
+    assert [e.type for e in asyncio.run(main())] == ["start", "done"]
