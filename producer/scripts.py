@@ -82,6 +82,11 @@ CLAIM = (
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
 if TERMINAL[status] then return {'terminal', 0} end
+-- Our own lease: this is a re-run of a claim whose reply was lost (the client
+-- retried after a dropped connection). Answer as the first run did.
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+  return {'claimed', tonumber(redis.call('HGET', KEYS[1], 'attempt'))}
+end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', 0} end
 if redis.call('EXISTS', KEYS[4]) == 1 then
   local why = 'cancelled before it started'
@@ -178,10 +183,15 @@ return 'requested'
 # A job whose lease vanished while it was running (its worker died, froze, or lost
 # Redis for longer than the lease): put it back to queued so one sweeper (and only
 # one: the status flips atomically) sends it again, to the queue it came from.
-# KEYS: the usual four. ARGV: now
+# KEYS: the usual four. ARGV: now (unique per call: it marks this requeue)
 # -> {1, queue, actor} send it again | {0, '', ''} an attempt holds it | {-1, '', ''} not running
 REQUEUE = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return {-1, '', ''} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'queued' and redis.call('HGET', KEYS[1], 'requeued_at') == ARGV[1] then
+  -- a re-run of this very call whose reply was lost: the message is still to send
+  return {1, redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'actor') or ''}
+end
+if status ~= 'running' then return {-1, '', ''} end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {0, '', ''} end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued_at', ARGV[1])
 return {1, redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'actor') or ''}

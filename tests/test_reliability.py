@@ -506,3 +506,36 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
         c.cancel_job(job_id)
         c.redis.delete(queue)
         c.close()
+
+
+def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, str]) -> None:
+    """redis-py re-sends a script after a dropped connection even if it already ran."""
+    from producer import keys, scripts
+
+    queue = f"actorq-rerun-{uuid.uuid4().hex[:6]}"
+    c = Client(Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue}))
+    job_id = c.enqueue_actor_job(scripted("rerun"), "go")  # nobody consumes this queue
+    claim = [
+        scripts.CLAIM, 4, *scripts.job_keys(job_id), "owner-1", 60_000, f"{time.time()}", 3,
+        "w", 60, 1000, "{}", "{}", queue,
+    ]  # fmt: skip
+    try:
+        assert c.redis.eval(*claim) == [b"claimed", 1]
+        assert c.redis.eval(*claim) == [b"claimed", 1]  # the same claim again: same answer
+        other = [*claim]
+        other[6] = "owner-2"
+        assert c.redis.eval(*other)[0] == b"busy"  # a real duplicate is still fenced
+        starts = [e for e in read_events(c, job_id) if e.type == "start"]
+        assert len(starts) == 1  # the re-run wrote nothing
+
+        c.redis.delete(keys.lease_key(job_id))  # the attempt's worker died
+        now = f"{time.time():.6f}"
+        requeue = [scripts.REQUEUE, 4, *scripts.job_keys(job_id), now]
+        assert c.redis.eval(*requeue) == [1, queue.encode(), b"tester"]
+        assert c.redis.eval(*requeue) == [1, queue.encode(), b"tester"]  # lost reply re-run
+        late = [scripts.REQUEUE, 4, *scripts.job_keys(job_id), f"{time.time() + 1:.6f}"]
+        assert c.redis.eval(*late)[0] == -1  # another sweeper: not running, nothing to send
+    finally:
+        c.cancel_job(job_id)
+        c.redis.delete(queue)
+        c.close()

@@ -103,13 +103,15 @@ class JobRunner:
         assert task is not None
         active = ActiveJob(job_id, owner, task)
         channel = self.publisher.open(job_id, owner)
-        await self.supervisor.add(active)
         metrics.job_claimed(attempt)
         executor: Executor | None = None
         secrets: list[str] = []
         ended = False  # False: leave the job in the running index for the sweeper
         try:
             try:
+                # Inside the try: if this await fails or is cancelled, the finally
+                # still unregisters the attempt, so nothing renews a dead lease.
+                await self.supervisor.add(active)
                 if decode_error is not None:
                     raise MessageDecodeError(decode_error)
                 executor, message, secrets = await self._load(job_id)

@@ -19,9 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys, scripts
 from producer.settings import Settings
@@ -111,9 +109,10 @@ class Publisher:
                     ch.pending = []
                 try:
                     results = await self._send(taken)
-                except (NoScriptError, RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                    # Put the batch back in front and retry: the script's sequence
-                    # check drops what a cut pipeline already wrote.
+                except Exception as exc:
+                    # Whatever failed (a connection, a failover's READONLY, an OOM), put
+                    # the batch back in front and retry: entries are never dropped, and
+                    # the script's sequence check drops what a cut pipeline already wrote.
                     for ch, entries, _ in taken:
                         ch.pending = list(entries) + ch.pending
                         self._dirty[ch] = None
@@ -159,7 +158,10 @@ class Publisher:
         for ch, entries, first_seq in taken:
             if not ch.packed:
                 ch.packed = self._pack_channel(ch)
-            batch = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode()
+            # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
+            batch = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode(
+                "utf-8", "replace"
+            )
             parts += [self._head, ch.packed, _bulk(str(first_seq).encode()), _bulk(batch)]
         pool = self._redis.connection_pool
         conn = await pool.get_connection()
