@@ -71,7 +71,11 @@ class Client:
     def __init__(self, settings: Settings | None = None, celery_app: Celery | None = None) -> None:
         self.settings = settings or Settings.from_env()
         self._redis: redis.Redis | None = None
-        self._aredis: dict[int, aioredis.Redis] = {}
+        # Keyed by the loop itself, weakly: a router running asyncio.run per request
+        # must not keep one client per dead loop (nor reuse one for a recycled id).
+        self._aredis: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = (
+            weakref.WeakKeyDictionary()
+        )
         self._tails: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Tail] = (
             weakref.WeakKeyDictionary()
         )
@@ -90,11 +94,11 @@ class Client:
     @property
     def aredis(self) -> aioredis.Redis:
         """An asyncio client bound to the running loop (pools can't cross loops)."""
-        loop_id = id(asyncio.get_running_loop())
-        client = self._aredis.get(loop_id)
+        loop = asyncio.get_running_loop()
+        client = self._aredis.get(loop)
         if client is None:
             client = aioredis.Redis.from_url(self.settings.redis_url, **self.settings.redis_options)
-            self._aredis[loop_id] = client
+            self._aredis[loop] = client
         return client
 
     @property
@@ -272,7 +276,9 @@ class Client:
     def _tail_id(self, job_id: str) -> str:
         """Where to start reading so a waiter sees the ending without replaying tokens."""
         self._check_id(job_id)
-        pipe = self.redis.pipeline(transaction=False)
+        # MULTI/EXEC: the ending can't land between the two reads, or the cursor
+        # would sit on the done entry itself and the waiter would never see it.
+        pipe = self.redis.pipeline(transaction=True)
         pipe.hget(keys.job_key(job_id), "done_id")
         pipe.xrevrange(keys.events_key(job_id), count=1)
         done_id, last = pipe.execute()
@@ -367,7 +373,7 @@ class Client:
         tail = self._tails.pop(loop, None)
         if tail is not None:
             await tail.aclose()
-        client = self._aredis.pop(id(loop), None)
+        client = self._aredis.pop(loop, None)
         if client is not None:
             await client.aclose()
 

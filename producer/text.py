@@ -4,8 +4,11 @@ A ``reset`` entry voids every ``token`` written before it: the previous attempt
 died (reason ``restart``) or the model call failed and is being retried (reason
 ``retry``). A reader that prints tokens live should, on ``reset``, discard what it
 showed; a reader that wants the final text feeds every event to a
-:class:`TextAssembler` (or calls :func:`final_text`) and gets exactly the text the
-job's record holds for a succeeded job.
+:class:`TextAssembler` (or calls :func:`final_text`) and gets every token the
+surviving attempt streamed, in order. For an ``llm`` actor that is the record's
+``result.text``; for agents and graphs the record holds only the last model
+call's answer, while the stream also carries earlier calls' text (tagged with
+their node).
 """
 
 from __future__ import annotations
