@@ -282,6 +282,25 @@ def test_rate_limit_then_success_retries_without_a_reset(
     assert final_text(events) == WORDS
 
 
+def test_a_retry_spends_the_same_budget_as_the_failed_try(
+    pool: Pool, openai_server: FakeOpenAI
+) -> None:
+    """Limits are the job's: a retry can't make a second model call under max_model_calls=1."""
+    c = pool.client
+    model = openai_server.script(
+        f"r500b-{uuid.uuid4().hex[:6]}", Reply(status=500), Reply(text=WORDS)
+    )
+    job_id = c.enqueue_actor_job(
+        openai_llm(openai_server.base_url, model), "go", limits={"max_model_calls": 1}
+    )
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.LIMIT_EXCEEDED
+    assert record.error is not None and "max_model_calls" in record.error
+    assert len(openai_server.calls(model)) == 1  # the retry was never sent
+
+
 def test_stream_cut_mid_body_retries_with_one_reset(pool: Pool, openai_server: FakeOpenAI) -> None:
     c = pool.client
     model = openai_server.script(

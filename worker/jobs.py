@@ -31,6 +31,7 @@ from . import logctx, metrics
 from .errors import LimitExceeded, ProviderError
 from .message import decode_payload
 from .publisher import JobChannel, Publisher
+from .runtime.budget import remaining_limits
 from .runtime.executor import Executor, RunEvent, create_executor
 from .runtime.scrub import scrub
 from .supervisor import ActiveJob, Requeue, Supervisor
@@ -229,6 +230,8 @@ class JobRunner:
         ``reset`` (reason ``retry``), so readers drop that try's text.
         """
         tries = 0
+        base, started = executor.limits, time.monotonic()
+        spent: list[ActorResult] = []  # results of the tries that failed: their budget is gone
         while True:
             emitted = 0
             try:
@@ -264,6 +267,16 @@ class JobRunner:
                     exc,
                 )
                 await asyncio.sleep(delay)
+                if executor.last_result is not None:
+                    spent.append(executor.last_result)
+                try:
+                    executor.limits = remaining_limits(
+                        base, spent, (time.monotonic() - started) * 1000
+                    )
+                except LimitExceeded as spent_out:
+                    timed_out = spent_out.timed_out
+                    status = JobStatus.TIMED_OUT if timed_out else JobStatus.LIMIT_EXCEEDED
+                    return status, str(spent_out), type(spent_out).__name__
                 if emitted:
                     self.publisher.publish(
                         channel,
