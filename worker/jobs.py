@@ -187,8 +187,12 @@ class JobRunner:
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if time.monotonic() + delay > deadline:
                     log.error("job %s: Redis unreachable (%s); sending it again", job_id, exc)
-                    await asyncio.to_thread(self.supervisor.send_again, job_id, s.queue)
-                    return None
+                    try:
+                        await asyncio.to_thread(self.supervisor.send_again, job_id, s.queue)
+                        return None
+                    except Exception as send_exc:  # the broker is away too: keep the message
+                        log.error("job %s: could not send it again (%s)", job_id, send_exc)
+                        deadline = time.monotonic() + self.claim_wait_s
                 log.warning(
                     "job %s: Redis unreachable (%s); claim retry in %.1fs", job_id, exc, delay
                 )
