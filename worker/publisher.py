@@ -126,10 +126,11 @@ class Publisher:
                     continue
                 backoff = 0.05
                 metrics.pipeline_acked(time.monotonic() - since)
+                written: list[Sequence[str]] = []  # counted once per pipeline, not per job
                 for (ch, entries, _), result in zip(taken, results, strict=True):
                     ch.next_seq += len(entries)
                     if result > 0:
-                        metrics.published(entries[len(entries) - result :])
+                        written += entries[len(entries) - result :]
                     if result == -1:
                         ch.lost = True
                     elif result == -2:
@@ -140,6 +141,7 @@ class Publisher:
                         ch.pending.clear()
                     if not ch.pending:
                         ch.drained.set()
+                metrics.published(written)
         finally:
             self._flusher = None
             if self._dirty:  # raced with a publish after the loop's last check
