@@ -19,6 +19,7 @@ from producer.schema import TASK_NAME, task_message
 from producer.settings import Settings
 
 from . import logctx, metrics
+from .gctune import tune_gc
 from .jobs import JobRunner
 from .loop import get_loop
 
@@ -43,6 +44,12 @@ def _structured_logs(logger: logging.Logger, **_: object) -> None:
 def _metrics_endpoint(**_: object) -> None:
     """Serve /metrics on ACTORQ_METRICS_PORT (when set) for the worker's lifetime."""
     metrics.serve()
+
+
+@worker_init.connect
+def _gc_thresholds(**_: object) -> None:
+    """Fewer generation-1 collections on the token path (``ACTORQ_GC_THRESHOLD``)."""
+    tune_gc()
 
 
 @worker_shutdown.connect

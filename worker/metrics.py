@@ -130,7 +130,7 @@ def pipeline_acked(lag_s: float) -> None:
 
 
 def published(entries: Sequence[Sequence[str]]) -> None:
-    """Entries of one job were written (each a flat field/value list)."""
+    """Entries were written (each a flat field/value list), any number of jobs at once."""
     tokens = 0
     other: dict[str, int] = {}
     for fields in entries:

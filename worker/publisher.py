@@ -125,10 +125,11 @@ class Publisher:
                     continue
                 backoff = 0.05
                 metrics.pipeline_acked(time.monotonic() - since)
+                written: list[Sequence[str]] = []  # counted once per pipeline, not per job
                 for (ch, entries, _), result in zip(taken, results, strict=True):
                     ch.next_seq += len(entries)
                     if result > 0:
-                        metrics.published(entries[len(entries) - result :])
+                        written += entries[len(entries) - result :]
                     if result == -1:
                         ch.lost = True
                     elif result == -2:
@@ -139,6 +140,7 @@ class Publisher:
                         ch.pending.clear()
                     if not ch.pending:
                         ch.drained.set()
+                metrics.published(written)
         finally:
             self._flusher = None
             if self._dirty:  # raced with a publish after the loop's last check
@@ -159,9 +161,7 @@ class Publisher:
             if not ch.packed:
                 ch.packed = self._pack_channel(ch)
             # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
-            batch = json.dumps(entries, ensure_ascii=False, separators=(",", ":")).encode(
-                "utf-8", "replace"
-            )
+            batch = _encode_json(entries).encode("utf-8", "replace")
             parts += [self._head, ch.packed, _bulk(str(first_seq).encode()), _bulk(batch)]
         pool = self._redis.connection_pool
         conn = await pool.get_connection()
@@ -188,6 +188,11 @@ class Publisher:
             str(s.retention_s),
         )
         return b"".join(_bulk(a.encode()) for a in args)
+
+
+# One encoder for every batch: json.dumps with non-default options builds a new
+# JSONEncoder per call, which cost more than encoding a one-token batch.
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _bulk(value: bytes) -> bytes:

@@ -49,7 +49,12 @@ def drive(executor: Executor, run: Run, message: str) -> AsyncIterator[RunEvent]
         from .graph import run_graph
 
         return run_graph(executor, run, config, message)
-    return run_node(executor, run, config.name, config, executor.messages_for(config, message))
+    messages = executor.messages_for(config, message)
+    if not isinstance(config, AgentConfig):
+        # A plain llm actor is one model call: its tokens come straight from the
+        # model stream, one async-generator hop fewer per token than run_node.
+        return executor.stream_model(run, config.name, config, None, messages, [])
+    return run_node(executor, run, config.name, config, messages)
 
 
 async def run_node(

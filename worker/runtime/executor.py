@@ -183,11 +183,16 @@ class Executor:
         run: Run,
         node: str,
         cfg: LLMConfig,
-        model: Any,
+        model: Any | None,
         messages: list[BaseMessage],
         reply: list[AIMessage],
     ) -> AsyncIterator[RunEvent]:
-        """One model call through ``astream``: yield tokens, append the full reply to ``reply``."""
+        """One model call through ``astream``: yield tokens, append the full reply to ``reply``.
+
+        ``model`` None: build ``cfg``'s chat model here, once the stream is first awaited.
+        """
+        if model is None:
+            model = self.chat_model(cfg)
         prompt = _prompt_text(messages)
         run.begin_model_call(node, cfg.provider, cfg.model, prompt)
         parts: list[str] = []
@@ -197,8 +202,8 @@ class Executor:
         try:
             async for chunk in model.astream(messages):
                 text = chunk.content
-                pieces = [text] if isinstance(text, str) else _block_texts(text)
-                for piece in pieces:
+                # A plain string is the common case: no list per chunk for it.
+                for piece in (text,) if isinstance(text, str) else _block_texts(text):
                     if piece:
                         parts.append(piece)
                         run.on_token(piece)

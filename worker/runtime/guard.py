@@ -39,6 +39,8 @@ class Guard:
         return min(dues) if dues else None
 
     def _arm(self) -> None:
+        if self._deadline is None and self._stall is None:
+            return
         due = self._due()
         if due is not None:
             self._handle = self._loop.call_at(due, self._fire)
