@@ -174,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         run_enqueue(a.jobs, json.loads(a.config))
         return 0
     if a.peer == "floor":
+        # The worker's garbage-collector thresholds here too: the floor is the same
+        # loop in the same interpreter settings, so the ratio measures actorq alone.
+        from worker.gctune import tune_gc
+
+        tune_gc()
         out = run_floor(a.jobs, a.tokens, a.ttft_ms, a.delay_ms)
     else:
         out = run_naive(a.url, a.prefix, a.jobs, a.tokens, a.ttft_ms, a.delay_ms)
