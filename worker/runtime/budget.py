@@ -29,20 +29,17 @@ def remaining_limits(base: Limits, spent: Sequence[ActorResult], elapsed_ms: flo
                 "timeout_ms", f"ran longer than {base.timeout_ms} ms (retries included)"
             )
         update["timeout_ms"] = max(1, int(left_ms))
-    if base.max_model_calls is not None:
-        calls = base.max_model_calls - sum(r.model_calls for r in spent)
-        if calls < 1:
-            raise LimitExceeded(
-                "max_model_calls", f"{base.max_model_calls} model calls made (retries included)"
-            )
-        update["max_model_calls"] = calls
-    if base.max_tool_calls is not None:
-        tools = base.max_tool_calls - sum(r.tool_calls for r in spent)
-        if tools < 0:
-            raise LimitExceeded(
-                "max_tool_calls", f"{base.max_tool_calls} tool calls made (retries included)"
-            )
-        update["max_tool_calls"] = tools
+    counts = (
+        ("max_model_calls", "model calls", sum(r.model_calls for r in spent), 1),
+        ("max_tool_calls", "tool calls", sum(r.tool_calls for r in spent), 0),
+    )
+    for name, what, used, least in counts:
+        limit = getattr(base, name)
+        if limit is None:
+            continue
+        if limit - used < least:
+            raise LimitExceeded(name, f"{limit} {what} made (retries included)")
+        update[name] = limit - used
     if base.max_cost_usd is not None:
         cost = sum((r.cost_usd or Decimal(0) for r in spent), Decimal(0))
         left = base.max_cost_usd - cost
