@@ -19,6 +19,8 @@ from producer.crypto import decrypt_credentials
 from producer.errors import MessageDecodeError
 from producer.schema import SCHEMA_VERSION
 
+from .runtime.scrub import secret_values
+
 __all__ = ["JobPayload", "decode_message", "decode_payload"]
 
 
@@ -67,9 +69,7 @@ class JobPayload:
     @property
     def secrets(self) -> list[str]:
         """Every credential value to scrub from texts (base URLs are not secret)."""
-        return [
-            v for fields in self.credentials.values() for k, v in fields.items() if k != "base_url"
-        ]
+        return secret_values(self.credentials)
 
 
 def decode_payload(raw: object, secret_keys: Sequence[str]) -> JobPayload:
