@@ -10,7 +10,7 @@ import os
 
 from kombu import Queue
 
-from producer.settings import broker_ssl_options
+from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options
 
 
 def _env_int(name: str, default: int) -> int:
@@ -18,7 +18,7 @@ def _env_int(name: str, default: int) -> int:
     return int(raw) if raw.strip() else default
 
 
-_redis_url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+_redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 
 #: Broker: Redis by default (the same server as the streams); RabbitMQ with
 #: ``CELERY_BROKER_URL=amqp://...``. Streams and records always live in REDIS_URL.
