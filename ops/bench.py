@@ -45,6 +45,7 @@ from .stack import EmbeddedRedis, WorkerProcess
 
 __all__ = ["BenchOptions", "run_bench"]
 
+
 @dataclass(frozen=True)
 class BenchOptions:
     jobs: int = 300
@@ -202,9 +203,7 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
         )
         pids = tree_pids(w.pid)
         cpu0 = cpu_seconds(pids)
-        small = await _run_jobs(
-            client, stack.env, bench_config(1, 0, 0), o.memory_jobs, 120, _noop
-        )
+        small = await _run_jobs(client, stack.env, bench_config(1, 0, 0), o.memory_jobs, 120, _noop)
         per_job_cpu.append((cpu_seconds(pids) - cpu0) / max(1, len(small)))
         await client.aclose()
         return big, small
@@ -305,14 +304,19 @@ def _phase_stream(
     def sample() -> None:
         peak["tail_connections"] = max(peak["tail_connections"], client.tail.connections)
 
+    others = {"router": [os.getpid()], "redis": [stack.redis.pid]}
+    other_cpu: dict[str, float] = {}
+
     async def main() -> tuple[list[JobTrace], float, Sampler]:
         # One warm-up job: imports, connections and the script cache are not the point.
         await _run_jobs(client, stack.env, bench_config(2, 0, 0), 1, 60, _noop)
         pids = tree_pids(w.pid)
         with Sampler(w.pid, stack.redis.port) as sampler:
             cpu0 = cpu_seconds(pids)
+            others0 = {k: cpu_seconds(v) for k, v in others.items()}
             traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample)
             cpu = cpu_seconds(pids) - cpu0
+            other_cpu.update({k: cpu_seconds(v) - others0[k] for k, v in others.items()})
             peak["redis_clients"] = int(r.info("clients")["connected_clients"])
         await client.aclose()
         return traces, cpu, sampler
@@ -324,6 +328,11 @@ def _phase_stream(
     out.update(
         cpu_s=cpu,
         cpu_us_per_token=cpu / out["tokens"] * 1e6 if out["tokens"] else None,
+        # The rest of the machine's CPU on the same tokens: the tailing router and Redis.
+        router_cpu_us_per_token=other_cpu["router"] / out["tokens"] * 1e6
+        if out["tokens"]
+        else None,
+        redis_cpu_us_per_token=other_cpu["redis"] / out["tokens"] * 1e6 if out["tokens"] else None,
         worker_pss_bytes=sampler.peak_pss,
         worker_redis_connections=sampler.peak_connections,
         router_tail_connections=peak["tail_connections"],

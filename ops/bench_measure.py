@@ -100,7 +100,7 @@ def redis_connections(pid: int, port: int) -> int:
 class Sampler:
     """Samples a process tree's memory (and Redis connections) in the background."""
 
-    def __init__(self, pid: int, redis_port: int, every_s: float = 0.25) -> None:
+    def __init__(self, pid: int, redis_port: int, every_s: float = 1.0) -> None:
         self.pid, self.port, self.every_s = pid, redis_port, every_s
         self.peak_pss = 0
         self.peak_connections = 0
@@ -211,18 +211,27 @@ def summarise_lags(traces: Sequence[JobTrace], delay_ms: float) -> dict[str, Any
 
 
 def timeline(traces: Sequence[JobTrace]) -> list[dict[str, Any]]:
-    """Per second of the run: tokens received and their lag p50/p99 — lag against load."""
+    """Per second of the run: tokens received, their lag p50/p99 and the p99 of the
+    part before Redis stored them — lag against load, and which side it came from."""
     starts = [t.received[0] for t in traces if t.received]
     if not starts:
         return []
     t0 = min(starts)
-    seconds: dict[int, list[float]] = {}
+    seconds: dict[int, tuple[list[float], list[float]]] = {}
     for t in traces:
-        for at, lag in zip(t.received, t.lags_ms, strict=False):
-            seconds.setdefault(int(at - t0), []).append(lag)
+        for at, lag, write in zip(t.received, t.lags_ms, t.write_ms, strict=False):
+            lags, writes = seconds.setdefault(int(at - t0), ([], []))
+            lags.append(lag)
+            writes.append(write)
     return [
-        {"second": k, "tokens": len(v), "lag_p50_ms": pct(v, 50), "lag_p99_ms": pct(v, 99)}
-        for k, v in sorted(seconds.items())
+        {
+            "second": k,
+            "tokens": len(lags),
+            "lag_p50_ms": pct(lags, 50),
+            "lag_p99_ms": pct(lags, 99),
+            "to_redis_p99_ms": pct(writes, 99),
+        }
+        for k, (lags, writes) in sorted(seconds.items())
     ]
 
 

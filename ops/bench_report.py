@@ -109,8 +109,10 @@ def render(res: dict[str, Any]) -> str:
         ["lag p99.9 ms", *[_f(get(d, "lag_ms", "p99_9")) for _, d in cols]],
         ["lag p99, yield to Redis", *[_f(get(d, "to_redis_ms", "p99")) for _, d in cols]],
         ["lag p99, Redis to tailer", *[_f(get(d, "from_redis_ms", "p99")) for _, d in cols]],
-        ["CPU us / token", *[_f(d.get("cpu_us_per_token"), 1) for _, d in cols]],
+        ["worker CPU us / token", *[_f(d.get("cpu_us_per_token"), 1) for _, d in cols]],
         ["CPU vs floor", *[_f(_ratio(d.get("cpu_us_per_token"), floor["cpu_us_per_token"])) for _, d in cols]],
+        ["router CPU us / token", *[_f(d.get("router_cpu_us_per_token"), 1) for _, d in cols]],
+        ["Redis CPU us / token", *[_f(d.get("redis_cpu_us_per_token"), 1) for _, d in cols]],
         ["peak concurrent streams", *[_f(d.get("peak_concurrent")) for _, d in cols]],
         ["worker PSS MiB", *[_f((d.get("worker_pss_bytes") or 0) / 2**20 or None, 1) for _, d in cols]],
         ["streams / GiB", *[_f(per_gib(d), 0) for _, d in cols]],
@@ -142,8 +144,14 @@ def render(res: dict[str, Any]) -> str:
     )
     seconds = [x for x in load.get("timeline", []) if x["lag_p50_ms"] is not None]
     if seconds:
-        notes += "\nactorq lag by second of the load (tokens/s: p50/p99 ms): " + ", ".join(
-            f"{x['tokens']}: {x['lag_p50_ms']:.0f}/{x['lag_p99_ms']:.0f}" for x in seconds
+        notes += (
+            "\nactorq lag by second of the load (tokens/s: p50/p99 ms, p99 of it before "
+            "Redis): "
+            + ", ".join(
+                f"{x['tokens']}: {x['lag_p50_ms']:.0f}/{x['lag_p99_ms']:.0f}"
+                f" ({x.get('to_redis_p99_ms') or 0:.0f})"
+                for x in seconds
+            )
         )
     m = res.get("machine", {})
     notes += (

@@ -93,6 +93,11 @@ class EmbeddedRedis:
             "no",
         ]
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         if not self.port:
             self.port = free_port()

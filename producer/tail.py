@@ -25,7 +25,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncIterator
-from typing import Any, cast
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -40,10 +40,19 @@ _BLOCK_MS = 1000  # a blocked read is interrupted on every change; this bounds s
 _COUNT = 1000  # entries per stream per read
 _TICK_S = 0.1  # resolution of idle wake-ups (existence checks, timeouts)
 _serial = itertools.count(1)
+#: While reads keep finding entries, a shard polls without BLOCK at most this often.
+#: A blocking XREAD costs Redis about four times a polling one (it registers and
+#: unregisters every stream of the read), and a pause lets entries collect, so a
+#: busy router costs Redis a fraction of the reads for at most this much lag.
+_POLL_S = 0.002
+_XREAD_POLL = b"$5\r\nXREAD\r\n$5\r\nCOUNT\r\n$%d\r\n%d\r\n" % (len(str(_COUNT)), _COUNT)
+_XREAD_BLOCK = _XREAD_POLL + b"$5\r\nBLOCK\r\n$%d\r\n%d\r\n" % (len(str(_BLOCK_MS)), _BLOCK_MS)
+_STREAMS = b"$7\r\nSTREAMS\r\n"
 
 
-def _raw(reply: Any, **_: Any) -> Any:
-    return reply
+def _bulk(value: str) -> bytes:
+    raw = value.encode()
+    return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -118,6 +127,7 @@ class _Shard:
         self.task: asyncio.Task[None] | None = None
         self.has_work = asyncio.Event()
         self.redis = tail.reader_client()
+        self._packed_keys: dict[str, bytes] = {}
 
     def add(self, sub: Subscription) -> None:
         sub.shard = self
@@ -158,15 +168,49 @@ class _Shard:
         finally:
             self.waking = False
 
-    def _read_set(self) -> dict[Any, Any]:
-        streams: dict[Any, Any] = {}
+    def _read_set(self) -> dict[str, str]:
+        streams: dict[str, str] = {}
         for stream, group in self.subs.items():
+            if len(group) == 1:  # the common case: one tail per stream, no comparing
+                if not group[0].paused:
+                    streams[stream] = group[0].cursor
+                continue
             live = [s for s in group if not s.paused]
             if live:
                 streams[stream] = min((s.cursor for s in live), key=_id_key)
         return streams
 
+    def _pack_xread(self, streams: dict[str, str], block: bool) -> bytes:
+        """``XREAD COUNT .. [BLOCK ..] STREAMS k.. id..`` in RESP, the keys packed once each.
+
+        redis-py's generic packing (two encodes and a length per argument) was the
+        largest cost of a router tailing hundreds of busy streams.
+        """
+        packed = self._packed_keys
+        head = _XREAD_BLOCK if block else _XREAD_POLL
+        parts = [b"*%d\r\n" % ((6 if block else 4) + 2 * len(streams)), head, _STREAMS]
+        for stream in streams:
+            key = packed.get(stream)
+            if key is None:
+                key = packed[stream] = _bulk(stream)
+            parts.append(key)
+        parts += [_bulk(cursor) for cursor in streams.values()]
+        if len(packed) > 2 * len(self.subs) + 64:  # forget streams that left
+            self._packed_keys = {k: v for k, v in packed.items() if k in self.subs}
+        return b"".join(parts)
+
+    async def _xread(self, streams: dict[str, str], block: bool) -> Any:
+        conn: Any = self.redis.connection
+        await conn.send_packed_command(self._pack_xread(streams, block), check_health=False)
+        # A blocked read legitimately waits _BLOCK_MS: never time it out before that.
+        timeout = conn.socket_timeout
+        return await conn.read_response(
+            timeout=math.inf if timeout is None else timeout + _BLOCK_MS / 1000
+        )
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        block = True  # the first read waits; later ones poll while entries keep coming
         try:
             while True:
                 if not self.subs:
@@ -179,13 +223,20 @@ class _Shard:
                 if self.client_id is None:
                     self.client_id = int(await self.redis.client_id())
                 self.read_gen = self.gen
-                self.in_read = True
+                self.in_read = block  # only a blocked read needs waking on a change
+                started = loop.time()
                 try:
-                    reply = await self.redis.xread(streams, count=_COUNT, block=_BLOCK_MS)
+                    reply = await self._xread(streams, block)
                 finally:
                     self.in_read = False
                 if reply:
                     self._dispatch(reply, streams)
+                    block = False
+                    pause = started + _POLL_S - loop.time()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                else:
+                    block = True
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -269,14 +320,8 @@ class Tail:
         self._max_shards = max_connections - 1
 
     def reader_client(self) -> aioredis.Redis:
-        """A client holding one pooled connection, answering XREAD as Redis sent it.
-
-        redis-py's XREAD reply parsing (a dict per entry, in Python) cost more than
-        the rest of a tail together; the raw reply goes straight to the queues.
-        """
-        client = aioredis.Redis(connection_pool=self.pool, single_connection_client=True)
-        client.set_response_callback("XREAD", cast(Any, _raw))
-        return client
+        """A client holding one pooled connection of its own, for a shard's reads."""
+        return aioredis.Redis(connection_pool=self.pool, single_connection_client=True)
 
     def _pick_shard(self) -> _Shard:
         best = min(self._shards, key=lambda s: s.count, default=None)

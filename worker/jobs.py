@@ -73,6 +73,14 @@ class JobRunner:
             **settings.redis_options,
         )
         self.redis = aioredis.Redis(connection_pool=pool)
+        # EVALSHA rather than EVAL: the scripts are sent and hashed once, not per job.
+        self._claim_script = self.redis.register_script(scripts.CLAIM)
+        self._finish_script = self.redis.register_script(scripts.FINISH)
+        # The records CLAIM writes for a job it ends itself: constant, so built once.
+        self._claim_endings = (
+            ActorResult(finish_reason="cancelled").to_json(),
+            ActorResult(finish_reason="error").to_json(),
+        )
         self.publisher = Publisher(self.redis, settings)
         self.supervisor = Supervisor(self.redis, settings, requeue)
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
@@ -168,20 +176,19 @@ class JobRunner:
         delay = 0.2
         while True:
             try:
-                claim: list[bytes] = await self.redis.eval(
-                    scripts.CLAIM,
-                    4,
-                    *scripts.job_keys(job_id),
-                    owner,
-                    s.lease_ttl_s * 1000,
-                    f"{time.time():.6f}",
-                    s.max_attempts,
-                    self.worker_name,
-                    s.retention_s,
-                    s.stream_max_events + 64,
-                    ActorResult(finish_reason="cancelled").to_json(),
-                    ActorResult(finish_reason="error").to_json(),
-                    s.queue,
+                claim: list[bytes] = await self._claim_script(
+                    scripts.job_keys(job_id),
+                    [
+                        owner,
+                        s.lease_ttl_s * 1000,
+                        f"{time.time():.6f}",
+                        s.max_attempts,
+                        self.worker_name,
+                        s.retention_s,
+                        s.stream_max_events + 64,
+                        *self._claim_endings,
+                        s.queue,
+                    ],
                 )
                 return claim
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -314,18 +321,18 @@ class JobRunner:
             result = result.model_copy(update={"error": scrub(result.error, secrets)[:2000]})
         for delay in (0.1, 0.5, 1, 2, 4, 8):
             try:
-                done = await self.redis.eval(
-                    scripts.FINISH,
-                    4,
-                    *scripts.job_keys(job_id),
-                    owner,
-                    status.value,
-                    err,
-                    error_type or "",
-                    result.to_json(),
-                    f"{time.time():.6f}",
-                    s.retention_s,
-                    s.stream_max_events + 64,
+                done = await self._finish_script(
+                    scripts.job_keys(job_id),
+                    [
+                        owner,
+                        status.value,
+                        err,
+                        error_type or "",
+                        result.to_json(),
+                        f"{time.time():.6f}",
+                        s.retention_s,
+                        s.stream_max_events + 64,
+                    ],
                 )
                 break
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
