@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
@@ -57,6 +58,7 @@ class Publisher:
         self._redis = redis
         self._settings = settings
         self._sha: str | None = None
+        self._conn: Any = None  # the connection pipelines go out on, once taken
         self._head = b""
         self._dirty: dict[JobChannel, None] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -163,18 +165,21 @@ class Publisher:
             # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
             batch = _encode_json(entries).encode("utf-8", "replace")
             parts += [self._head, ch.packed, _bulk(str(first_seq).encode()), _bulk(batch)]
-        pool = self._redis.connection_pool
-        conn = await pool.get_connection()
+        conn = self._conn
+        if conn is None:
+            # Held across pipelines (one flush runs at a time): a pool checkout and
+            # release per pipeline cost more than packing its commands.
+            conn = self._conn = await self._redis.connection_pool.get_connection()
         try:
-            await conn.send_packed_command(b"".join(parts))
+            await conn.send_packed_command(b"".join(parts), check_health=False)
             # One deadline for all the replies rather than a timer per reply.
             async with asyncio.timeout(conn.socket_timeout or None):
                 return [int(await conn.read_response(timeout=math.inf)) for _ in taken]
         except BaseException:
+            self._conn = None
             await conn.disconnect()  # replies may be left unread: never reuse it
+            await self._redis.connection_pool.release(conn)
             raise
-        finally:
-            await pool.release(conn)
 
     def _pack_channel(self, ch: JobChannel) -> bytes:
         s, job = self._settings, ch.job_id
