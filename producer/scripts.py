@@ -1,11 +1,13 @@
 """Lua scripts that change a job's keys: each runs atomically inside Redis.
 
-Every key a script touches belongs to one job and shares its hash tag, so the
-scripts also run on Redis Cluster. The terminal write (``done`` entry + record)
+A job's keys share its hash tag (one Cluster slot); CLAIM and FINISH also touch
+the running index, one key for all jobs. The terminal write (``done`` entry + record)
 is one function used by every path that can end a job, which is what makes
 "exactly one ending" hold whatever the races.
 
-KEYS are always: job hash, events stream, lease, cancel flag.
+KEYS are always: job hash, events stream, lease, cancel flag; CLAIM and FINISH
+also take the running index (``running_job_keys``), so a claimed job is indexed
+for the sweeper in the same step that leases it, and leaves the index as it ends.
 """
 
 from __future__ import annotations
@@ -20,13 +22,19 @@ __all__ = [
     "REQUEUE",
     "UNQUEUE",
     "job_keys",
+    "running_job_keys",
 ]
 
-from .keys import cancel_key, events_key, job_key, lease_key
+from .keys import RUNNING_INDEX, cancel_key, events_key, job_key, lease_key
 
 
 def job_keys(job_id: str) -> list[str]:
     return [job_key(job_id), events_key(job_id), lease_key(job_id), cancel_key(job_id)]
+
+
+def running_job_keys(job_id: str) -> list[str]:
+    """The KEYS of CLAIM and FINISH: the job's four and the running index."""
+    return [*job_keys(job_id), RUNNING_INDEX]
 
 
 # finish(status, error, error_type, result_json, now, ttl, maxlen) -> done entry id
@@ -60,22 +68,32 @@ redis.call('EXPIRE', KEYS[1], ARGV[4])
 return 1
 """
 
-# ARGV: owner, status, error, error_type, result, now, ttl, maxlen
+# ARGV: owner, status, error, error_type, result, now, ttl, maxlen, job_id
 # -> {1, done_id} | {0, 'terminal'} | {0, 'fenced'} | {0, 'missing'}
+# Unless fenced (the job is another attempt's, or the sweeper's), the job leaves the
+# running index (KEYS[5]): it has ended, by this call or before it.
 FINISH = (
     _FINISH_FN
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
+if status and not TERMINAL[status] and ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then
+  return {0, 'fenced'}
+end
+redis.call('ZREM', KEYS[5], ARGV[9])
 if not status then return {0, 'missing'} end
 if TERMINAL[status] then return {0, 'terminal'} end
-if ARGV[1] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[1] then return {0, 'fenced'} end
 return {1, finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
 """
 )
 
 # ARGV: owner, lease_ms, now, max_attempts, worker, ttl, maxlen, cancelled_result, failed_result,
-# queue (recorded so a sweeper sends the job back to the queue it came from)
-# -> {'claimed', attempt} | {'missing'} | {'terminal'} | {'busy'} | {'exhausted'} | {'cancelled'}
+# queue (recorded so a sweeper sends the job back to the queue it came from),
+# index_deadline (the lease's end, unix seconds), job_id
+# -> {'claimed', attempt, payload} | {'missing'} | {'terminal'} | {'busy'} | {'exhausted'}
+#    | {'cancelled'}
+# A claimed job enters the running index (KEYS[5]) in the same step, so there is no
+# moment a worker could die holding a lease the sweeper can't find; the payload
+# comes back with the claim, saving the attempt a round trip.
 CLAIM = (
     _FINISH_FN
     + """
@@ -85,7 +103,7 @@ if TERMINAL[status] then return {'terminal', 0} end
 -- Our own lease: this is a re-run of a claim whose reply was lost (the client
 -- retried after a dropped connection). Answer as the first run did.
 if redis.call('GET', KEYS[3]) == ARGV[1] then
-  return {'claimed', tonumber(redis.call('HGET', KEYS[1], 'attempt'))}
+  return {'claimed', tonumber(redis.call('HGET', KEYS[1], 'attempt')), redis.call('HGET', KEYS[1], 'payload')}
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', 0} end
 if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -116,7 +134,8 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'start', 'attem
            'worker', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
-return {'claimed', attempt}
+redis.call('ZADD', KEYS[5], ARGV[11], ARGV[12])
+return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload')}
 """
 )
 

@@ -123,6 +123,18 @@ def test_duplicate_delivery_while_running_gives_one_stream_and_one_ending(pool: 
     )
 
 
+def test_a_running_job_is_indexed_for_the_sweeper_until_it_ends(pool: Pool) -> None:
+    from producer import keys
+
+    c = pool.client
+    job_id = c.enqueue_actor_job(scripted(WORDS, token_delay_ms=40), "go")
+    wait_until(lambda: tokens_seen(c, job_id, 1), 20, "the job to stream")
+    deadline = c.redis.zscore(keys.RUNNING_INDEX, job_id)  # set by the claim itself
+    assert deadline is not None and deadline > time.time()  # the lease's end
+    assert c.wait_result(job_id, timeout=30).status is JobStatus.SUCCEEDED
+    assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is None  # and gone with the ending
+
+
 def test_duplicate_after_the_end_writes_nothing(pool: Pool) -> None:
     c = pool.client
     job_id = c.enqueue_actor_job(scripted("short reply"), "go")
@@ -489,10 +501,10 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
     job_id = c.enqueue_actor_job(scripted("lost"), "go")  # nobody consumes this queue
     # An attempt claims it with a lease that lapses at once: its worker "died".
     c.redis.eval(
-        scripts.CLAIM, 4, *scripts.job_keys(job_id), "gone", 1, f"{time.time()}", 3,
-        "gone-worker", 60, 1000, "{}", "{}", queue,
+        scripts.CLAIM, 5, *scripts.running_job_keys(job_id), "gone", 1, f"{time.time()}", 3,
+        "gone-worker", 60, 1000, "{}", "{}", queue, time.time() - 1, job_id,
     )  # fmt: skip
-    c.redis.zadd(keys.RUNNING_INDEX, {job_id: time.time() - 1})
+    assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is not None  # indexed by the claim
     # A stale entry of a job that already ended sorts first: the sweep drops it and
     # goes on to the lost job.
     ended = c.enqueue_actor_job(scripted("ended"), "go")
@@ -535,14 +547,16 @@ def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, 
     c = Client(Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue}))
     job_id = c.enqueue_actor_job(scripted("rerun"), "go")  # nobody consumes this queue
     claim = [
-        scripts.CLAIM, 4, *scripts.job_keys(job_id), "owner-1", 60_000, f"{time.time()}", 3,
-        "w", 60, 1000, "{}", "{}", queue,
+        scripts.CLAIM, 5, *scripts.running_job_keys(job_id), "owner-1", 60_000,
+        f"{time.time()}", 3, "w", 60, 1000, "{}", "{}", queue, time.time() + 60, job_id,
     ]  # fmt: skip
+    payload = c.redis.hget(keys.job_key(job_id), "payload")
     try:
-        assert c.redis.eval(*claim) == [b"claimed", 1]
-        assert c.redis.eval(*claim) == [b"claimed", 1]  # the same claim again: same answer
+        assert payload and c.redis.eval(*claim) == [b"claimed", 1, payload]
+        # The same claim again (its reply was lost): the same answer.
+        assert c.redis.eval(*claim) == [b"claimed", 1, payload]
         other = [*claim]
-        other[6] = "owner-2"
+        other[7] = "owner-2"
         assert c.redis.eval(*other)[0] == b"busy"  # a real duplicate is still fenced
         starts = [e for e in read_events(c, job_id) if e.type == "start"]
         assert len(starts) == 1  # the re-run wrote nothing

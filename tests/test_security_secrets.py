@@ -88,7 +88,7 @@ def test_no_secret_in_redis_logs_flower_or_inspect(
         "flaky": openai_server.script(
             f"flaky-{tag}", Reply(status=500, echo_key=True), Reply(text="recovered fine")
         ),
-        "slow": openai_server.script(f"slow-{tag}", Reply(text=LONG, chunk_delay_s=0.1)),
+        "slow": openai_server.script(f"slow-{tag}", Reply(text=LONG, chunk_delay_s=0.3)),
         "killed": openai_server.script(f"killed-{tag}", Reply(text=LONG, chunk_delay_s=0.05)),
     }
     flower = FlowerProcess(env, log_path=tmp_path / "flower.log").start()

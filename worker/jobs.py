@@ -22,7 +22,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer import keys, scripts
+from producer import scripts
 from producer.errors import ActorqError, MessageDecodeError
 from producer.schema import ActorResult, JobStatus
 from producer.settings import Settings
@@ -115,15 +115,12 @@ class JobRunner:
         metrics.job_claimed(attempt)
         executor: Executor | None = None
         secrets: list[str] = []
-        ended = False  # False: leave the job in the running index for the sweeper
         try:
             try:
-                # Inside the try: if this await fails or is cancelled, the finally
-                # still unregisters the attempt, so nothing renews a dead lease.
-                await self.supervisor.add(active)
+                self.supervisor.add(active)
                 if decode_error is not None:
                     raise MessageDecodeError(decode_error)
-                executor, message, secrets = await self._load(job_id)
+                executor, message, secrets = self._load(claim[2])
                 status, error, error_type = await self._execute(executor, message, channel, attempt)
             except asyncio.CancelledError:
                 if not (active.cancel_requested or active.lease_lost):
@@ -156,12 +153,12 @@ class JobRunner:
                 metrics.job_skipped("fenced")
                 await self._give_up(job_id)
                 return Outcome("fenced")
-            outcome = await self._finish(job_id, owner, status, error, error_type, result, secrets)
-            ended = outcome not in ("unrecorded", "fenced")
-            return outcome
+            # FINISH takes the job out of the running index unless it was fenced; an
+            # attempt that never got that far stays there for the sweeper.
+            return await self._finish(job_id, owner, status, error, error_type, result, secrets)
         finally:
             metrics.job_released()
-            await self.supervisor.remove(active, ended=ended)
+            self.supervisor.remove(active)
 
     async def _claim(self, job_id: str, owner: str) -> list[bytes] | None:
         """Run CLAIM, waiting out a short Redis outage; None: sent back to the queue.
@@ -177,7 +174,7 @@ class JobRunner:
         while True:
             try:
                 claim: list[bytes] = await self._claim_script(
-                    scripts.job_keys(job_id),
+                    scripts.running_job_keys(job_id),
                     [
                         owner,
                         s.lease_ttl_s * 1000,
@@ -188,6 +185,8 @@ class JobRunner:
                         s.stream_max_events + 64,
                         *self._claim_endings,
                         s.queue,
+                        time.time() + s.lease_ttl_s,
+                        job_id,
                     ],
                 )
                 return claim
@@ -213,8 +212,8 @@ class JobRunner:
         except Exception as exc:  # Redis away: the sweeper finds it later
             log.warning("job %s: could not requeue it (%s); the sweeper will", job_id, exc)
 
-    async def _load(self, job_id: str) -> tuple[Executor, str, list[str]]:
-        raw = await self.redis.hget(keys.job_key(job_id), "payload")
+    def _load(self, raw: bytes | None) -> tuple[Executor, str, list[str]]:
+        """Decrypt and validate the payload CLAIM returned; build the executor."""
         job = decode_payload(raw, self.settings.secret_keys)
         try:
             executor = create_executor(
@@ -322,7 +321,7 @@ class JobRunner:
         for delay in (0.1, 0.5, 1, 2, 4, 8):
             try:
                 done = await self._finish_script(
-                    scripts.job_keys(job_id),
+                    scripts.running_job_keys(job_id),
                     [
                         owner,
                         status.value,
@@ -332,6 +331,7 @@ class JobRunner:
                         f"{time.time():.6f}",
                         s.retention_s,
                         s.stream_max_events + 64,
+                        job_id,
                     ],
                 )
                 break

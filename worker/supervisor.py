@@ -16,7 +16,6 @@ It starts with the worker (not with its first job), so an idle worker sweeps too
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -93,20 +92,15 @@ class Supervisor:
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
 
-    async def add(self, job: ActiveJob) -> None:
+    def add(self, job: ActiveJob) -> None:
+        """Renew and watch ``job`` (CLAIM already put it in the running index)."""
         self._jobs[job.job_id] = job
         self.start()
-        await self._redis.zadd(
-            keys.RUNNING_INDEX, {job.job_id: time.time() + self._settings.lease_ttl_s}
-        )
 
-    async def remove(self, job: ActiveJob, *, ended: bool = True) -> None:
-        """Forget ``job``; with ``ended=False`` its index entry stays for the sweeper."""
+    def remove(self, job: ActiveJob) -> None:
+        """Stop renewing ``job``; FINISH takes it out of the running index."""
         if self._jobs.get(job.job_id) is job:
             del self._jobs[job.job_id]
-        if ended:
-            with contextlib.suppress(Exception):
-                await self._redis.zrem(keys.RUNNING_INDEX, job.job_id)
 
     async def _run(self) -> None:
         last_renew = last_sweep = time.monotonic()
