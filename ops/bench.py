@@ -55,7 +55,7 @@ class BenchOptions:
     idle_jobs: int = 30
     memory_jobs: int = 50
     tail_jobs: int = 1000
-    tail_tokens: int = 30
+    tail_tokens: int = 80
     tail_delay_ms: float = 100.0
     prefork: int = 4
     uvloop: bool = True
@@ -84,7 +84,7 @@ class BenchOptions:
             idle_jobs=3,
             memory_jobs=3,
             tail_jobs=40,
-            tail_tokens=5,
+            tail_tokens=20,
             tail_delay_ms=20,
             prefork=2,
         )

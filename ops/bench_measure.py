@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "JobTrace",
     "Sampler",
+    "all_streaming",
     "cpu_seconds",
     "pct",
     "pss_bytes",
@@ -206,6 +207,7 @@ def summarise_lags(traces: Sequence[JobTrace], delay_ms: float) -> dict[str, Any
         },
         "rate_fraction": (gaps * delay_ms / 1000 / span) if span > 0 and delay_ms > 0 else None,
         "peak_concurrent": peak_concurrency(traces),
+        "all_streaming": all_streaming(traces),
         "timeline": timeline(traces),
     }
 
@@ -233,6 +235,33 @@ def timeline(traces: Sequence[JobTrace]) -> list[dict[str, Any]]:
         }
         for k, (lags, writes) in sorted(seconds.items())
     ]
+
+
+def all_streaming(traces: Sequence[JobTrace]) -> dict[str, Any] | None:
+    """Lag while every job streams at once: from the last job's first token to the
+    first job's last. ``None`` when the jobs never all overlap.
+
+    The whole run also holds the ramp (every job enqueued at the same instant, so
+    their claims and set-up share the first second) and the drain (every job's
+    ending in the last one); this is the load at the stated concurrency.
+    """
+    spans = [(t.received[0], t.received[-1]) for t in traces if t.received]
+    if not spans or len(spans) < len(traces):
+        return None
+    start, end = max(a for a, _ in spans), min(b for _, b in spans)
+    if end <= start:
+        return None
+    lags = [
+        lag
+        for t in traces
+        for at, lag in zip(t.received, t.lags_ms, strict=False)
+        if start <= at <= end
+    ]
+    return {
+        "seconds": end - start,
+        "tokens": len(lags),
+        "lag_ms": {"p50": pct(lags, 50), "p99": pct(lags, 99), "p99_9": pct(lags, 99.9)},
+    }
 
 
 def peak_concurrency(traces: Sequence[JobTrace]) -> int:

@@ -174,11 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         run_enqueue(a.jobs, json.loads(a.config))
         return 0
     if a.peer == "floor":
-        # The worker's garbage-collector thresholds here too: the floor is the same
+        # The worker's garbage-collector settings here too: the floor is the same
         # loop in the same interpreter settings, so the ratio measures actorq alone.
-        from worker.gctune import tune_gc
+        from worker.gctune import freeze_startup_heap, tune_gc
 
         tune_gc()
+        freeze_startup_heap()
         out = run_floor(a.jobs, a.tokens, a.ttft_ms, a.delay_ms)
     else:
         out = run_naive(a.url, a.prefix, a.jobs, a.tokens, a.ttft_ms, a.delay_ms)

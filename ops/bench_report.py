@@ -31,8 +31,18 @@ def _ge(v: float | None, limit: float) -> bool | None:
     return None if v is None else v >= limit
 
 
+def _streaming_lag(phase: dict[str, Any], q: str) -> float | None:
+    window = phase.get("all_streaming")
+    return window["lag_ms"][q] if window else None
+
+
 def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per figure the issue sets a target for, with its verdict."""
+    """One row per figure the issue sets a target for, with its verdict.
+
+    Lag targets are judged while every job of the phase streams at once (the
+    stated concurrency); the whole run, ramp and drain included, is in the
+    second table.
+    """
     load, fanin, idle, floor = res["load"], res["fanin"], res["idle"], res["floor"]
     ft, mem = idle["first_token"], idle["memory"]
     cpu_ratio = _ratio(load["cpu_us_per_token"], floor["cpu_us_per_token"])
@@ -41,10 +51,10 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [
         _row("1", "token rate / nominal", ">= 0.97", load["rate_fraction"],
              _ge(load["rate_fraction"], 0.97)),
-        _row("1", "delivery lag p50 (ms)", "<= 5", load["lag_ms"]["p50"],
-             _le(load["lag_ms"]["p50"], 5)),
-        _row("1", "delivery lag p99 (ms)", "<= 25", load["lag_ms"]["p99"],
-             _le(load["lag_ms"]["p99"], 25)),
+        _row("1", "delivery lag p50 (ms), all streaming", "<= 5",
+             _streaming_lag(load, "p50"), _le(_streaming_lag(load, "p50"), 5)),
+        _row("1", "delivery lag p99 (ms), all streaming", "<= 25",
+             _streaming_lag(load, "p99"), _le(_streaming_lag(load, "p99"), 25)),
         _row("2", "worker CPU/token vs floor (a)", "<= 1.5x", cpu_ratio, _le(cpu_ratio, 1.5)),
         _row("3", "added first-token p50 (ms)", "<= 5", ft["added_ms_p50"],
              _le(ft["added_ms_p50"], 5)),
@@ -52,8 +62,8 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
              _le(ft["added_ms_p99"], 15)),
         _row("4", f"router connections, {fanin['jobs']} tails", "<= 4",
              fanin["router_tail_connections"], _le(fanin["router_tail_connections"], 4)),
-        _row("4", "fan-in delivery lag p99 (ms)", "<= 25", fanin["lag_ms"]["p99"],
-             _le(fanin["lag_ms"]["p99"], 25)),
+        _row("4", "fan-in lag p99 (ms), all streaming", "<= 25",
+             _streaming_lag(fanin, "p99"), _le(_streaming_lag(fanin, "p99"), 25)),
         # Per entry as a job grows; what a stream costs regardless of length is in "fixed".
         _row("5", "Redis bytes per token entry", "<= 64", mem["marginal_bytes_per_entry"],
              _le(mem["marginal_bytes_per_entry"], 64)),
@@ -104,9 +114,13 @@ def render(res: dict[str, Any]) -> str:
     rows = [
         ["jobs x tokens", *[f"{d.get('jobs')} x {d.get('tokens', 0) // max(1, d.get('jobs') or 1)}" for _, d in cols]],
         ["token rate / nominal", *[_f(d.get("rate_fraction"), 3) for _, d in cols]],
-        ["lag p50 ms", *[_f(get(d, "lag_ms", "p50")) for _, d in cols]],
-        ["lag p99 ms", *[_f(get(d, "lag_ms", "p99")) for _, d in cols]],
-        ["lag p99.9 ms", *[_f(get(d, "lag_ms", "p99_9")) for _, d in cols]],
+        ["lag p50 ms, whole run", *[_f(get(d, "lag_ms", "p50")) for _, d in cols]],
+        ["lag p99 ms, whole run", *[_f(get(d, "lag_ms", "p99")) for _, d in cols]],
+        ["lag p99.9 ms, whole run", *[_f(get(d, "lag_ms", "p99_9")) for _, d in cols]],
+        ["all streaming: seconds", *[_f(get(d, "all_streaming", "seconds"), 1) for _, d in cols]],
+        ["all streaming: lag p50 ms", *[_f(get(d, "all_streaming", "lag_ms", "p50")) for _, d in cols]],
+        ["all streaming: lag p99 ms", *[_f(get(d, "all_streaming", "lag_ms", "p99")) for _, d in cols]],
+        ["all streaming: p99.9 ms", *[_f(get(d, "all_streaming", "lag_ms", "p99_9")) for _, d in cols]],
         ["lag p99, yield to Redis", *[_f(get(d, "to_redis_ms", "p99")) for _, d in cols]],
         ["lag p99, Redis to tailer", *[_f(get(d, "from_redis_ms", "p99")) for _, d in cols]],
         ["worker CPU us / token", *[_f(d.get("cpu_us_per_token"), 1) for _, d in cols]],

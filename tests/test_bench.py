@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 
 from ops.bench import BenchOptions, run_bench
+from ops.bench_measure import JobTrace, all_streaming
 from ops.cli import main
 
 FIGURES = {
     "floor": ["cpu_us_per_token", "rate_fraction", "tokens"],
     "load": ["rate_fraction", "cpu_us_per_token", "worker_pss_bytes", "worker_redis_connections",
-             "router_tail_connections", "redis_connected_clients", "peak_concurrent"],
+             "router_tail_connections", "redis_connected_clients", "peak_concurrent",
+             "router_cpu_us_per_token", "redis_cpu_us_per_token"],
     "fanin": ["router_tail_connections", "peak_concurrent"],
     "naive": ["cpu_us_per_token", "rate_fraction"],
     "prefork": ["cpu_us_per_token", "worker_pss_bytes", "peak_concurrent"],
@@ -79,3 +81,18 @@ def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> 
     assert "delay_ms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="tail_jobs"):
         BenchOptions(tail_jobs=0)
+
+
+def test_all_streaming_window_is_where_every_job_overlaps() -> None:
+    def trace(times: list[float], lags: list[float]) -> JobTrace:
+        return JobTrace("j", received=times, lags_ms=lags)
+
+    # Job a streams 0..10 s, job b 4..20 s: both stream from 4 to 10.
+    a = trace([0, 2, 4, 6, 8, 10], [90, 90, 1, 2, 3, 4])
+    b = trace([4, 12, 20], [5, 90, 90])
+    window = all_streaming([a, b])
+    assert window is not None
+    assert window["seconds"] == 6 and window["tokens"] == 5  # a's 4..10 and b's first
+    assert window["lag_ms"]["p99"] == 5  # the ramp's and drain's 90s are outside
+    assert all_streaming([trace([0, 1], [1, 1]), trace([2, 3], [1, 1])]) is None  # no overlap
+    assert all_streaming([a, trace([], [])]) is None  # a job that never streamed

@@ -1,13 +1,17 @@
-"""ACTORQ_GC_THRESHOLD: parsing, bad values, and that the worker applies it."""
+"""ACTORQ_GC_THRESHOLD and ACTORQ_GC_FREEZE: parsing, bad values, and that the worker applies them."""
 
 from __future__ import annotations
 
 import gc
+import re
+import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from worker.gctune import DEFAULT_GC_THRESHOLD, gc_threshold_from_env, tune_gc
+from tests.conftest import WorkerFactory
+from worker.gctune import DEFAULT_GC_THRESHOLD, freeze_startup_heap, gc_threshold_from_env, tune_gc
 
 
 @pytest.fixture
@@ -49,3 +53,41 @@ def test_the_worker_app_tunes_gc_at_start(restore_gc: None) -> None:
     gc.set_threshold(700, 10, 10)
     worker_init.send(sender=None)
     assert gc.get_threshold() == DEFAULT_GC_THRESHOLD
+
+
+@pytest.fixture
+def restore_freeze() -> Iterator[None]:
+    yield
+    gc.unfreeze()
+
+
+def test_freeze_moves_the_live_heap_out_of_collections(restore_freeze: None) -> None:
+    gc.unfreeze()
+    frozen = freeze_startup_heap({})
+    assert frozen > 1000 and gc.get_freeze_count() == frozen
+    assert gc.get_count()[2] == 0  # nothing left for a full collection to walk yet
+
+
+def test_freeze_can_be_turned_off_and_bad_values_name_the_variable(restore_freeze: None) -> None:
+    gc.unfreeze()
+    assert freeze_startup_heap({"ACTORQ_GC_FREEZE": "0"}) == 0
+    assert gc.get_freeze_count() == 0
+    for raw in ("yes", "2", "off"):
+        with pytest.raises(ValueError, match="ACTORQ_GC_FREEZE"):
+            freeze_startup_heap({"ACTORQ_GC_FREEZE": raw})
+    assert gc.get_freeze_count() == 0  # nothing half-applied
+
+
+def test_a_worker_freezes_its_start_up_heap_once_ready(start_worker: WorkerFactory) -> None:
+    # A queue of its own: the session's queue belongs to the shared workers.
+    name = f"gc-{uuid.uuid4().hex[:6]}"
+    worker = start_worker(name, concurrency=4, env={"ACTORQ_QUEUE": f"actorq-{name}"})
+    assert worker.log_path is not None
+    deadline = time.monotonic() + 20
+    while True:
+        log = worker.log_path.read_text()
+        frozen = re.search(r"froze (\d+) start-up objects", log)
+        if frozen or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert frozen and int(frozen.group(1)) > 100_000, log[-2000:]

@@ -19,7 +19,7 @@ from producer.schema import TASK_NAME, task_message
 from producer.settings import Settings
 
 from . import logctx, metrics
-from .gctune import tune_gc
+from .gctune import freeze_startup_heap, tune_gc
 from .jobs import JobRunner
 from .loop import get_loop
 
@@ -64,6 +64,14 @@ def requeue(job_id: str, queue: str = "", actor: str = "") -> None:
     app.send_task(
         TASK_NAME, queue=queue or app.conf.task_default_queue, **task_message(job_id, actor)
     )
+
+
+@worker_ready.connect
+def _freeze_startup_heap(**_: object) -> None:
+    """Keep the set-up's objects out of full collections (``ACTORQ_GC_FREEZE``)."""
+    get_runner()  # its clients and imports belong to the set-up too
+    frozen = freeze_startup_heap()
+    log.info("froze %d start-up objects out of the garbage collector", frozen)
 
 
 @worker_ready.connect
