@@ -38,8 +38,10 @@ def redis_target() -> Iterator[RedisTarget]:
     if url:
         started = time.time()
         target = RedisTarget(url, None)
+        bindings_before = set(target.client().scan_iter(match="_kombu.binding*", count=1000))
         yield target
         _forget_jobs_since(target.client(), started)
+        _forget_queue_bindings(target.client(), bindings_before)
         return
     server = EmbeddedRedis().start()
     try:
@@ -62,6 +64,15 @@ def _forget_jobs_since(r: redis.Redis, since: float) -> None:
     for idem in r.scan_iter(match=keys.idempotency_key("*"), count=1000):
         if (r.get(idem) or b"").decode() in mine:
             r.delete(idem)
+    r.close()
+
+
+def _forget_queue_bindings(r: redis.Redis, before: set[bytes]) -> None:
+    """Delete the kombu bindings of the queues the tests made (kombu's shared keys stay)."""
+    for key in r.scan_iter(match="_kombu.binding*", count=1000):
+        queue = key.decode().rpartition(".")[2]
+        if key not in before and queue.startswith(("actorq-", "cli-worker-")):
+            r.delete(key)
     r.close()
 
 

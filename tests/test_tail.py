@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,9 +17,20 @@ import redis
 from producer import Client, InvalidInput, JobNotFound, JobTimeout, keys
 from producer.tail import Tail
 
+_made: list[str] = []  # jobs written here directly: deleted after each test
+
+
+@pytest.fixture(autouse=True)
+def _forget_jobs(client: Client) -> Iterator[None]:
+    yield
+    while _made:
+        job_id = _made.pop()
+        client.redis.delete(keys.job_key(job_id), keys.events_key(job_id))
+
 
 def _new_job(r: redis.Redis, stream: bool = True) -> str:
     job_id = f"tail-{uuid.uuid4().hex[:12]}"
+    _made.append(job_id)
     r.hset(keys.job_key(job_id), mapping={"status": "running"})
     r.expire(keys.job_key(job_id), 600)
     if stream:
