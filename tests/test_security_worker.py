@@ -174,6 +174,14 @@ def test_broken_payload_ends_the_job_failed(garbage: Garbage, payload: str, expe
     garbage.still_serving()
 
 
+def test_a_record_without_its_payload_ends_the_job_failed(garbage: Garbage) -> None:
+    job_id = garbage.record(json.dumps(garbage.good_payload()))
+    garbage.r.hdel(keys.job_key(job_id), "payload")  # CLAIM then answers without one
+    garbage.send([job_id, "junk"], {"v": SCHEMA_VERSION})
+    garbage.failed(job_id, "job payload is missing")
+    garbage.still_serving()
+
+
 def test_tampered_ciphertext_ends_the_job_failed(garbage: Garbage) -> None:
     payload = garbage.good_payload()
     token: str = payload["credentials"]
