@@ -38,6 +38,7 @@ from .bench_measure import (
     summarise_lags,
     tail_job,
     tree_pids,
+    us_per_token,
 )
 from .bench_peers import bench_config
 from .bench_report import render, targets, write_plot
@@ -327,12 +328,10 @@ def _phase_stream(
     out = summarise_lags(traces, delay_ms)
     out.update(
         cpu_s=cpu,
-        cpu_us_per_token=cpu / out["tokens"] * 1e6 if out["tokens"] else None,
+        cpu_us_per_token=us_per_token(cpu, out["tokens"]),
         # The rest of the machine's CPU on the same tokens: the tailing router and Redis.
-        router_cpu_us_per_token=other_cpu["router"] / out["tokens"] * 1e6
-        if out["tokens"]
-        else None,
-        redis_cpu_us_per_token=other_cpu["redis"] / out["tokens"] * 1e6 if out["tokens"] else None,
+        router_cpu_us_per_token=us_per_token(other_cpu["router"], out["tokens"]),
+        redis_cpu_us_per_token=us_per_token(other_cpu["redis"], out["tokens"]),
         worker_pss_bytes=sampler.peak_pss,
         worker_redis_connections=sampler.peak_connections,
         router_tail_connections=peak["tail_connections"],
@@ -435,7 +434,7 @@ def _phase_prefork(stack: _Stack) -> dict[str, Any]:
     out.update(
         children=o.prefork,
         cpu_s=cpu,
-        cpu_us_per_token=cpu / out["tokens"] * 1e6 if out["tokens"] else None,
+        cpu_us_per_token=us_per_token(cpu, out["tokens"]),
         worker_pss_bytes=sampler.peak_pss,
         worker_redis_connections=sampler.peak_connections,
         lags_ms=[lag for t in traces for lag in t.lags_ms],

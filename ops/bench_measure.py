@@ -28,9 +28,15 @@ __all__ = [
     "tail_job",
     "timeline",
     "tree_pids",
+    "us_per_token",
 ]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def us_per_token(cpu_s: float, tokens: int) -> float | None:
+    """CPU seconds spread over ``tokens``, in microseconds; ``None`` with no tokens."""
+    return cpu_s / tokens * 1e6 if tokens else None
 
 
 def pct(values: Sequence[float], q: float) -> float | None:

@@ -18,6 +18,8 @@ import sys
 import time
 from typing import Any
 
+from .bench_measure import us_per_token
+
 __all__ = [
     "bench_config",
     "bench_model",
@@ -108,7 +110,7 @@ def run_floor(jobs: int, tokens: int, ttft_ms: float, delay_ms: float) -> dict[s
         "jobs": jobs,
         "tokens": n,
         "cpu_s": cpu,
-        "cpu_us_per_token": cpu / n * 1e6 if n else None,
+        "cpu_us_per_token": us_per_token(cpu, n),
         "wall_s": time.time() - wall0,
         "rate_fraction": gaps * delay_ms / 1000 / span if span > 0 and delay_ms > 0 else None,
         "first_token_ms_p50": sorted((r[0] - wall0) * 1000 for r in runs if r)[len(runs) // 2],
@@ -143,7 +145,7 @@ def run_naive(
     counts = _on_worker_loop(main())
     cpu = time.process_time() - cpu0
     n = sum(counts)
-    return {"jobs": jobs, "tokens": n, "cpu_s": cpu, "cpu_us_per_token": cpu / n * 1e6 if n else None}
+    return {"jobs": jobs, "tokens": n, "cpu_s": cpu, "cpu_us_per_token": us_per_token(cpu, n)}
 
 
 def run_enqueue(jobs: int, config: dict[str, Any]) -> None:

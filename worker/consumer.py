@@ -77,10 +77,8 @@ class Consumer(CeleryConsumer):
         self.hub.call_soon(self._schedule_event_flush)
 
     def _start_event_flush_timer(self) -> None:
-        if self.hub is None:
-            self._flush_event_batch()
-        else:
-            self.hub.call_later(self._event_flush_s, self._flush_buffered_events)
+        hub: Any = self.hub  # set: only a consumer with a hub buffers events
+        hub.call_later(self._event_flush_s, self._flush_buffered_events)
 
     def _flush_event_batch(self) -> None:
         # Cleared first: an event buffered during the flush schedules the next one.
