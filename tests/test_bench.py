@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.bench import BenchOptions, run_bench
+from ops.bench import BenchOptions, memory_tokens, run_bench
 from ops.bench_measure import JobTrace, all_streaming
 from ops.cli import main
 
@@ -57,7 +57,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert _number(idle["worker_cpu_ms_per_job"])
     mem = idle["memory"]
     assert mem["succeeded"] == mem["jobs"]
-    assert mem["entries_per_job"] == opts.tokens + 2  # start, tokens, done
+    assert mem["entries_per_job"] == memory_tokens(opts) + 2  # start, tokens, done
     for name in ("bytes_per_entry", "fixed_bytes_per_job", "record_bytes_per_job"):
         assert _number(mem[name]) and mem[name] > 0, name
     # Redis allocates stream nodes in steps: few entries may cost no extra bytes.
