@@ -1,8 +1,9 @@
-"""Chat models built per request from a node config and the job's credentials."""
+"""Chat models built from a node config and the job's credentials, reused across jobs."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -12,10 +13,14 @@ from langchain_core.language_models import BaseChatModel
 from producer.config import LLMConfig
 
 from ..errors import CredentialsError, ProviderAuthError, ProviderError
+from .model_cache import cache_from_env, credentials_digest
 from .scripted import ScriptedChatModel
 from .scrub import scrub
 
-__all__ = ["build_chat_model", "provider_error"]
+__all__ = ["build_chat_model", "model_cache", "provider_error"]
+
+#: Built models by settings and credentials (see :mod:`.model_cache`).
+model_cache = cache_from_env()
 
 
 # One HTTP connection pool per event loop. langchain-openai's default async client
@@ -41,17 +46,29 @@ def _http_client() -> Any:
 
 
 def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]]) -> BaseChatModel:
+    """The chat model for ``cfg``: a cached one when an earlier job had the same settings."""
     if cfg.provider == "scripted":
-        return ScriptedChatModel(
-            reply=cfg.reply,
-            script=[t.model_dump() for t in cfg.script] if cfg.script else None,
-            first_token_delay_s=cfg.first_token_delay_ms / 1000,
-            token_delay_s=cfg.token_delay_ms / 1000,
-            report_usage=cfg.report_usage,
-            model_name=cfg.model,
+        script = [t.model_dump() for t in cfg.script] if cfg.script else None
+        key: tuple[Any, ...] = (
+            "scripted",
+            cfg.model,
+            cfg.reply,
+            json.dumps(script, sort_keys=True),
+            cfg.first_token_delay_ms,
+            cfg.token_delay_ms,
+            cfg.report_usage,
         )
-    from langchain_openai import ChatOpenAI
-
+        return model_cache.get(
+            key,
+            lambda: ScriptedChatModel(
+                reply=cfg.reply,
+                script=script,
+                first_token_delay_s=cfg.first_token_delay_ms / 1000,
+                token_delay_s=cfg.token_delay_ms / 1000,
+                report_usage=cfg.report_usage,
+                model_name=cfg.model,
+            ),
+        )
     creds = credentials.get("openai", {})
     base_url = creds.get("base_url") or cfg.base_url
     api_key = creds.get("api_key")
@@ -61,11 +78,28 @@ def build_chat_model(cfg: LLMConfig, credentials: Mapping[str, Mapping[str, str]
                 "credentials.openai.api_key", "required for provider openai without a base_url"
             )
         api_key = "EMPTY"  # self-hosted OpenAI-compatible servers (vLLM, Ollama) ignore it
+    organization = creds.get("organization")
+    key = (
+        "openai",
+        cfg.model,
+        base_url,
+        credentials_digest({"api_key": api_key, "organization": organization or ""}),
+        cfg.temperature,
+        cfg.max_tokens,
+    )
+    return model_cache.get(key, lambda: _chat_openai(cfg, api_key, base_url, organization))
+
+
+def _chat_openai(
+    cfg: LLMConfig, api_key: str, base_url: str | None, organization: str | None
+) -> BaseChatModel:
+    from langchain_openai import ChatOpenAI
+
     return ChatOpenAI(
         model=cfg.model,
         api_key=api_key,  # type: ignore[arg-type]
         base_url=base_url,
-        organization=creds.get("organization"),
+        organization=organization,
         temperature=cfg.temperature,
         max_completion_tokens=cfg.max_tokens,
         stream_usage=True,
