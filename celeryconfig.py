@@ -10,6 +10,7 @@ import os
 
 from kombu import Queue
 
+from producer import broker
 from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options
 
 
@@ -17,6 +18,9 @@ def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name, "")
     return int(raw) if raw.strip() else default
 
+
+#: ``redis://`` brokers use kombu's Redis transport with one client per channel.
+broker.install()
 
 _redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
 

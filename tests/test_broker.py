@@ -1,0 +1,46 @@
+"""The Redis broker transport: kombu's, sharing one Redis client per channel."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from kombu import Connection
+
+import celeryconfig  # noqa: F401  (installs the transport, as every actorq app does)
+from producer.broker import Channel, Transport
+from tests.conftest import RedisTarget
+
+
+def test_redis_urls_get_the_shared_client_transport() -> None:
+    assert Connection("redis://127.0.0.1:6379/0").transport_cls == "redis"
+    assert isinstance(Connection("redis://127.0.0.1:6379/0").transport, Transport)
+    assert not isinstance(Connection("rediss://127.0.0.1:6380/0").transport, Transport)
+    amqp = Connection("amqp://guest:guest@127.0.0.1:5672//")
+    assert not isinstance(amqp.transport, Transport)
+
+
+def test_messages_round_trip_and_the_channel_keeps_one_client(redis_target: RedisTarget) -> None:
+    if not redis_target.url.startswith("redis://"):
+        pytest.skip("the shared-client transport serves redis:// URLs")
+    queue = f"actorq-test-broker-{uuid.uuid4().hex[:8]}"
+    with Connection(redis_target.url) as conn:
+        channel = conn.default_channel
+        assert isinstance(channel, Channel)
+        assert channel._create_client() is channel._create_client()
+        with conn.SimpleQueue(queue) as q:
+            for i in range(3):
+                q.put({"n": i})
+            got = []
+            for _ in range(3):
+                message = q.get(timeout=5)
+                got.append(message.payload["n"])
+                message.ack()  # the unacked bookkeeping goes through the shared client
+            assert got == [0, 1, 2]
+            q.clear()
+    r = redis_target.client()
+    try:
+        assert r.llen(queue) == 0
+        r.delete(queue)
+    finally:
+        r.close()
