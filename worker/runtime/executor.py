@@ -137,12 +137,22 @@ class Executor:
         self.last_result = None
         inner: Any = actors.drive(self, run, message)
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
+        next_event = inner.__anext__
         try:
             while True:
+                # Guard.next inlined: this loop runs once per token.
+                guard.begin_wait()
                 try:
-                    event = await guard.next(inner)
+                    event = await next_event()
                 except StopAsyncIteration:
                     break
+                except asyncio.CancelledError:
+                    limit = guard.limit_hit()
+                    if limit is None:
+                        raise
+                    raise limit from None
+                finally:
+                    guard.waiting = False
                 yield event
             self.last_result = run.result()
         except LimitExceeded as exc:
@@ -199,18 +209,22 @@ class Executor:
         usage: Any = None
         tool_chunks: list[Any] = []
         finish: str | None = None
+        # Bound once: this loop runs once per token.
+        keep, on_token = parts.append, run.on_token
+        costed = run.limits.max_cost_usd is not None
         try:
             async for chunk in model.astream(messages):
                 text = chunk.content
                 # A plain string is the common case: no list per chunk for it.
                 for piece in (text,) if isinstance(text, str) else _block_texts(text):
                     if piece:
-                        parts.append(piece)
-                        run.on_token(piece)
+                        keep(piece)
+                        on_token(piece)
                         yield RunEvent("token", piece, node)
                         # After the yield: the token that passes the budget is still
                         # published, so the stream and the partial result agree.
-                        run.check_cost()
+                        if costed:
+                            run.check_cost()
                 if chunk.usage_metadata:
                     usage = chunk.usage_metadata
                 if chunk.tool_call_chunks:
