@@ -22,11 +22,13 @@ from . import logctx, metrics
 from .gctune import freeze_startup_heap, tune_gc
 from .jobs import JobRunner
 from .loop import get_loop
+from .prestart import PrestartThreads
 
 __all__ = ["app", "get_runner", "requeue"]
 
 app = Celery("actorq", task_cls="worker.strategy:GuardedTask")
 app.config_from_object(celeryconfig)
+app.steps["worker"].add(PrestartThreads)
 app.conf.include = ["worker.tasks"]
 
 _runner: JobRunner | None = None
