@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.bench import BenchOptions, memory_tokens, run_bench
+from ops.bench import BenchOptions, bracket_floor, memory_tokens, run_bench
 from ops.bench_measure import JobTrace, all_streaming
 from ops.cli import main
 
@@ -48,6 +48,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
             assert _number(part["lag_ms"][q]), (phase, q)
         assert "lags_ms" not in part  # raw samples go to the plot, not the JSON
     assert data["load"]["tokens"] == opts.jobs * opts.tokens
+    runs = data["floor"]["cpu_us_per_token_runs"]  # measured before and after the load
+    assert len(runs) == 2 and all(_number(x) for x in runs)
+    assert data["floor"]["cpu_us_per_token"] == pytest.approx(sum(runs) / 2)
     assert sum(x["tokens"] for x in data["load"]["timeline"]) == data["load"]["tokens"]
     assert data["fanin"]["jobs"] == opts.tail_jobs
     assert 1 <= data["fanin"]["router_tail_connections"] <= 4
@@ -69,6 +72,14 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     text = "\n".join(lines)
     for label in ("floor (a)", "naive (b)", "prefork (c)", "token rate / nominal", "MiB"):
         assert label in text
+
+
+def test_the_floor_is_the_mean_of_its_two_runs() -> None:
+    before = {"jobs": 3, "tokens": 60, "cpu_us_per_token": 40.0, "rate_fraction": 0.9}
+    after = {"jobs": 3, "tokens": 60, "cpu_us_per_token": 50.0, "rate_fraction": 1.0}
+    merged = bracket_floor(before, after)
+    assert merged["cpu_us_per_token"] == 45.0 and merged["rate_fraction"] == pytest.approx(0.95)
+    assert merged["tokens"] == 60 and merged["cpu_us_per_token_runs"] == [40.0, 50.0]
 
 
 def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> None:

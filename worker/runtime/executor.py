@@ -137,22 +137,12 @@ class Executor:
         self.last_result = None
         inner: Any = actors.drive(self, run, message)
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
-        next_event = inner.__anext__
         try:
             while True:
-                # Guard.next inlined: this loop runs once per token.
-                guard.begin_wait()
                 try:
-                    event = await next_event()
+                    event = await guard.next(inner)
                 except StopAsyncIteration:
                     break
-                except asyncio.CancelledError:
-                    limit = guard.limit_hit()
-                    if limit is None:
-                        raise
-                    raise limit from None
-                finally:
-                    guard.waiting = False
                 yield event
             self.last_result = run.result()
         except LimitExceeded as exc:

@@ -4,9 +4,6 @@
 reschedule and a task lookup per token: about a tenth of the worker's CPU on
 the token path. :class:`Guard` keeps one timer armed for the nearest limit and
 only re-arms it when it fires early, so a token costs two attribute writes.
-A hot loop brackets each wait itself (:meth:`Guard.begin_wait`, ``waiting =
-False``, :meth:`Guard.limit_hit`) rather than awaiting :meth:`Guard.next`, which
-saves a coroutine per token.
 """
 
 from __future__ import annotations
@@ -32,7 +29,7 @@ class Guard:
         self._deadline = None if timeout_ms is None else now + timeout_ms / 1000
         self._stall = None if stall_ms is None else stall_ms / 1000
         self._since = now  # when the current wait began
-        self.waiting = False
+        self._waiting = False
         self._expired: str | None = None
         self._task: asyncio.Task[object] | None = None
         self._handle: asyncio.TimerHandle | None = None
@@ -50,7 +47,7 @@ class Guard:
 
     def _fire(self) -> None:
         self._handle = None
-        if not self.waiting or self._task is None:
+        if not self._waiting or self._task is None:
             return  # between waits nothing can stall; the next wait re-arms
         now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
@@ -62,11 +59,8 @@ class Guard:
         else:
             self._arm()  # the model sent something since this timer was set
 
-    def begin_wait(self) -> None:
-        """A wait for the source begins; raises :class:`LimitExceeded` past the deadline.
-
-        The caller sets ``waiting = False`` when the wait ends, however it ends.
-        """
+    async def next(self, source: AsyncIterator[T]) -> T:
+        """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes."""
         if self._task is None:
             self._task = asyncio.current_task()
         self._since = now = self._loop.time()
@@ -74,31 +68,17 @@ class Guard:
             # Checked before awaiting: buffered events arrive without a suspension,
             # so a timer alone would never fire for a slow consumer.
             raise self._exceeded("timeout_ms")
-        self.waiting = True
+        self._waiting = True
         if self._handle is None:
             self._arm()
-
-    def limit_hit(self) -> LimitExceeded | None:
-        """After a ``CancelledError`` in a wait: the limit that cancelled it, else None.
-
-        None means the cancel came from outside and must propagate.
-        """
-        if self._expired is None or self._task is None or self._task.uncancel() > 0:
-            return None
-        return self._exceeded(self._expired)
-
-    async def next(self, source: AsyncIterator[T]) -> T:
-        """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes."""
-        self.begin_wait()
         try:
             return await source.__anext__()
         except asyncio.CancelledError:
-            limit = self.limit_hit()
-            if limit is None:
-                raise
-            raise limit from None
+            if self._expired is None or self._task is None or self._task.uncancel() > 0:
+                raise  # cancelled from outside
+            raise self._exceeded(self._expired) from None
         finally:
-            self.waiting = False
+            self._waiting = False
 
     def _exceeded(self, limit: str) -> LimitExceeded:
         if limit == "timeout_ms":
