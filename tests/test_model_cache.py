@@ -98,6 +98,20 @@ def test_entries_expire_after_the_ttl() -> None:
     assert later is not first
 
 
+def test_an_idle_cache_empties_itself_after_the_ttl() -> None:
+    """No later job needed: a timer on the loop drops what went unused."""
+    cache = ModelCache(size=8, ttl_s=0.05)
+
+    async def run() -> tuple[int, int]:
+        cache.get("a", object)
+        cache.get("b", object)
+        before = len(cache)
+        await asyncio.sleep(0.2)
+        return before, len(cache)
+
+    assert asyncio.run(run()) == (2, 0)
+
+
 def test_size_zero_builds_every_time() -> None:
     cache = ModelCache(size=0, ttl_s=60)
     a, b = _on_loop(lambda: (cache.get("k", object), cache.get("k", object)))

@@ -9,7 +9,8 @@ so the worker keeps the built models in a small LRU per event loop
 The key holds no secret: credentials enter it as an HMAC under a key made at
 process start. A cached model does hold its API key in memory, as it would for
 the length of a job; entries unused for ``ACTORQ_MODEL_CACHE_TTL_S`` (default
-600 s) are dropped, so a tenant's key does not outlive its traffic by much.
+600 s) are dropped by a timer on the loop, so a tenant's key does not outlive its
+traffic by more than that.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class ModelCache:
         self._per_loop: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, OrderedDict[Hashable, tuple[Any, float]]
         ] = weakref.WeakKeyDictionary()
+        # Loops with an expiry timer pending (one each, not one per entry).
+        self._timers: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
     def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
         """The model cached under ``key`` on this loop, else ``build()`` (and cache it)."""
@@ -68,13 +71,34 @@ class ModelCache:
         entries.move_to_end(key)
         while len(entries) > self.size:
             entries.popitem(last=False)
-        # The oldest entries are the least recently used: drop the ones past the TTL.
-        while entries:
-            oldest = next(iter(entries.values()))
-            if now - oldest[1] <= self.ttl_s:
-                break
-            entries.popitem(last=False)
+        self._expire(loop)
         return model
+
+    def _expire(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Drop the entries unused for the TTL; come back while any remain."""
+        entries = self._per_loop.get(loop)
+        if not entries:
+            return
+        now = time.monotonic()
+        # The oldest entries are the least recently used: drop the ones past the TTL.
+        while entries and now - next(iter(entries.values()))[1] > self.ttl_s:
+            entries.popitem(last=False)
+        if entries and loop not in self._timers and not loop.is_closed():
+            self._timers.add(loop)
+            # When the oldest entry comes due: no entry outlives its TTL by much.
+            due = next(iter(entries.values()))[1] + self.ttl_s - now
+            loop.call_later(max(due, 0.01), self._timer_fired, loop)
+
+    def _timer_fired(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timers.discard(loop)
+        self._expire(loop)
+
+    def __len__(self) -> int:
+        """Models cached on the running loop."""
+        try:
+            return len(self._per_loop.get(asyncio.get_running_loop(), ()))
+        except RuntimeError:
+            return 0
 
     def clear(self) -> None:
         self._per_loop.clear()
