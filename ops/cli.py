@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-jobs", type=int, help="jobs for first-token latency (30)")
     p.add_argument("--memory-jobs", type=int, help="jobs for Redis memory (50)")
     p.add_argument("--tail-jobs", type=int, help="concurrent tails of the fan-in phase (1000)")
-    p.add_argument("--tail-tokens", type=int, help="tokens per fan-in job (80)")
+    p.add_argument("--tail-tokens", type=int, help="tokens per fan-in job (150)")
     p.add_argument("--tail-delay-ms", type=float, help="inter-token delay, fan-in (100)")
     p.add_argument("--prefork", type=int, help="children of the prefork peer (4)")
     p.add_argument("--no-uvloop", action="store_true", help="plain asyncio loops")
