@@ -53,6 +53,13 @@ def test_other_credentials_or_settings_get_their_own_model() -> None:
     assert models[1].openai_api_key.get_secret_value() == "sk-two"
 
 
+def test_openai_models_leave_the_wait_for_the_next_chunk_to_the_stall_guard() -> None:
+    """langchain-openai's per-chunk wait_for can drop a cancel on Python 3.11."""
+    model = _on_loop(lambda: build_chat_model(parse_config(OPENAI), {"openai": {"api_key": "k"}}))
+    if "stream_chunk_timeout" in type(model).model_fields:
+        assert model.stream_chunk_timeout is None
+
+
 def test_each_loop_builds_its_own_model() -> None:
     """A model's HTTP client belongs to the loop that made it."""
     cfg = parse_config(OPENAI)

@@ -198,9 +198,10 @@ def test_cancel_running_jobs_stops_them_closes_the_http_stream_and_keeps_usage(
 ) -> None:
     c = pool.client
     model = openai_server.script(
-        # 2,000 tokens 50 ms apart: no job can end on its own while the test cancels.
+        # 100 ms apart, the pool's 200-event stream cap is ~20 s away: no job can end
+        # on its own while the test cancels, even on a slow machine.
         f"slow-{uuid.uuid4().hex[:6]}",
-        Reply(text=WORDS * 50, chunk_delay_s=0.05),
+        Reply(text=WORDS * 50, chunk_delay_s=0.1),
     )
     jobs = [
         c.enqueue_actor_job(openai_llm(openai_server.base_url, model), f"go {i}") for i in range(6)

@@ -125,7 +125,10 @@ class JobRunner:
             except asyncio.CancelledError:
                 if not (active.cancel_requested or active.lease_lost):
                     raise  # the worker itself is going down: leave the job to the sweeper
-                task.uncancel()  # handled: later awaits (drain, finish) must run
+                # Handled: later awaits (drain, finish) must run. The supervisor may
+                # have cancelled more than once (a lost cancellation): clear them all.
+                while task.uncancel() > 0:
+                    pass
                 status, error, error_type = JobStatus.CANCELLED, "cancelled by request", "Cancelled"
             except (ActorqError, ValueError) as exc:
                 status, error, error_type = JobStatus.FAILED, str(exc), type(exc).__name__

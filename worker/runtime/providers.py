@@ -95,7 +95,14 @@ def _chat_openai(
 ) -> BaseChatModel:
     from langchain_openai import ChatOpenAI
 
+    extra: dict[str, Any] = {}
+    if "stream_chunk_timeout" in ChatOpenAI.model_fields:
+        # Its per-chunk asyncio.wait_for costs a task and a timer per token and, on
+        # Python 3.11, can drop a cancel that lands as a chunk arrives; the runtime's
+        # own stall guard (stall_timeout_ms) bounds the wait for the next chunk.
+        extra["stream_chunk_timeout"] = None
     return ChatOpenAI(
+        **extra,
         model=cfg.model,
         api_key=api_key,  # type: ignore[arg-type]
         base_url=base_url,
