@@ -1,7 +1,8 @@
 """Per-process housekeeping on the shared loop: leases, cancel flags and the sweeper.
 
-- Every ``poll_s`` it checks the cancel flag of each running job (one pipeline
-  for all jobs) and cancels the job's asyncio task when one is set.
+- Every ``poll_s`` it checks the cancel flag of each running job (one ``MGET``
+  for all jobs) and cancels the job's asyncio task when one is set, again if the
+  task still runs a second later (a library dropped the cancellation).
 - Every ``lease_ttl / 3`` it renews each lease; a lease found lost stops its job
   at once (another attempt owns it).
 - Every ``sweep_s`` (``ACTORQ_SWEEP_INTERVAL_S``, default 5) it looks for running
