@@ -29,6 +29,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from .resp import bulk
+
 __all__ = ["Subscription", "Tail"]
 
 log = logging.getLogger("actorq.tail")
@@ -48,11 +50,6 @@ _POLL_S = 0.002
 _XREAD_POLL = b"$5\r\nXREAD\r\n$5\r\nCOUNT\r\n$%d\r\n%d\r\n" % (len(str(_COUNT)), _COUNT)
 _XREAD_BLOCK = _XREAD_POLL + b"$5\r\nBLOCK\r\n$%d\r\n%d\r\n" % (len(str(_BLOCK_MS)), _BLOCK_MS)
 _STREAMS = b"$7\r\nSTREAMS\r\n"
-
-
-def _bulk(value: str) -> bytes:
-    raw = value.encode()
-    return b"$%d\r\n%b\r\n" % (len(raw), raw)
 
 
 def _id_key(entry_id: str) -> tuple[int, int]:
@@ -192,9 +189,9 @@ class _Shard:
         for stream in streams:
             key = packed.get(stream)
             if key is None:
-                key = packed[stream] = _bulk(stream)
+                key = packed[stream] = bulk(stream.encode())
             parts.append(key)
-        parts += [_bulk(cursor) for cursor in streams.values()]
+        parts += [bulk(cursor.encode()) for cursor in streams.values()]
         if len(packed) > 2 * len(self.subs) + 64:  # forget streams that left
             self._packed_keys = {k: v for k, v in packed.items() if k in self.subs}
         return b"".join(parts)

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from producer import keys, scripts
+from producer.resp import bulk
 from producer.settings import Settings
 
 from . import metrics
@@ -157,14 +158,14 @@ class Publisher:
         """
         if self._sha is None:
             self._sha = str(await self._redis.script_load(scripts.PUBLISH))
-            self._head = b"*12\r\n$7\r\nEVALSHA\r\n" + _bulk(self._sha.encode()) + b"$1\r\n3\r\n"
+            self._head = b"*12\r\n$7\r\nEVALSHA\r\n" + bulk(self._sha.encode()) + b"$1\r\n3\r\n"
         parts: list[bytes] = []
         for ch, entries, first_seq in taken:
             if not ch.packed:
                 ch.packed = self._pack_channel(ch)
             # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
             batch = _encode_json(entries).encode("utf-8", "replace")
-            parts += [self._head, ch.packed, _bulk(str(first_seq).encode()), _bulk(batch)]
+            parts += [self._head, ch.packed, bulk(str(first_seq).encode()), bulk(batch)]
         conn = self._conn
         if conn is None:
             # Held across pipelines (one flush runs at a time): a pool checkout and
@@ -192,13 +193,9 @@ class Publisher:
             str(s.stream_max_events),
             str(s.retention_s),
         )
-        return b"".join(_bulk(a.encode()) for a in args)
+        return b"".join(bulk(a.encode()) for a in args)
 
 
 # One encoder for every batch: json.dumps with non-default options builds a new
 # JSONEncoder per call, which cost more than encoding a one-token batch.
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def _bulk(value: bytes) -> bytes:
-    return b"$%d\r\n%b\r\n" % (len(value), value)
