@@ -247,9 +247,9 @@ def all_streaming(traces: Sequence[JobTrace]) -> dict[str, Any] | None:
     """Lag while every job streams at once: from the last job's first token to the
     first job's last. ``None`` when the jobs never all overlap.
 
-    The whole run also holds the ramp (every job enqueued at the same instant, so
-    their claims and set-up share the first second) and the drain (every job's
-    ending in the last one); this is the load at the stated concurrency.
+    The whole run also holds the ramp (the jobs enqueued one after another, their
+    claims and set-up overlapping the first tokens) and the drain (every job's
+    ending in the last second); this is the load at the stated concurrency.
     """
     spans = [(t.received[0], t.received[-1]) for t in traces if t.received]
     if not spans or len(spans) < len(traces):

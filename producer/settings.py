@@ -5,11 +5,37 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["DEFAULT_REDIS_URL", "Settings", "broker_ssl_options", "redis_tls_options"]
+__all__ = [
+    "DEFAULT_REDIS_URL",
+    "Settings",
+    "broker_ssl_options",
+    "env_number",
+    "redis_tls_options",
+]
+
+N = TypeVar("N", int, float)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def env_number(
+    name: str, default: N, kind: type[N], env: Mapping[str, str] | None = None
+) -> N:
+    """``name`` from ``env`` (the process environment by default) as ``kind``.
+
+    Unset or blank: ``default``. Not a number: ``ValueError`` naming the variable;
+    the caller checks the range, in words of its own.
+    """
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"{name} must be {what}, got {raw!r}") from None
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:

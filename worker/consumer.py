@@ -25,13 +25,14 @@ own claim, load and finish.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from celery.worker import state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from vine import promise
+
+from producer.settings import env_number
 
 __all__ = ["Consumer", "event_flush_s_from_env"]
 
@@ -44,11 +45,7 @@ _EVENT_BUFFER_LIMIT = 1000
 
 def event_flush_s_from_env(env: Mapping[str, str] | None = None) -> float:
     """``ACTORQ_EVENT_FLUSH_MS`` in seconds: how long task events wait to share a message."""
-    raw = (os.environ if env is None else env).get("ACTORQ_EVENT_FLUSH_MS", "").strip()
-    try:
-        value = float(raw) if raw else 100.0
-    except ValueError:
-        raise ValueError(f"ACTORQ_EVENT_FLUSH_MS must be a number, got {raw!r}") from None
+    value = env_number("ACTORQ_EVENT_FLUSH_MS", 100.0, float, env)
     if not 0 <= value <= 10_000:
         raise ValueError(f"ACTORQ_EVENT_FLUSH_MS must be in [0, 10000], got {value:g}")
     return value / 1000

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys, scripts
-from producer.settings import Settings
+from producer.settings import Settings, env_number
 
 __all__ = ["ActiveJob", "Requeue", "Supervisor", "sweep_interval_from_env"]
 
@@ -40,13 +39,7 @@ Requeue = Callable[[str, str, str], None]
 
 def sweep_interval_from_env() -> float:
     """``ACTORQ_SWEEP_INTERVAL_S`` (seconds, may be fractional; default 5)."""
-    raw = os.environ.get("ACTORQ_SWEEP_INTERVAL_S", "").strip()
-    if not raw:
-        return 5.0
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"ACTORQ_SWEEP_INTERVAL_S must be a number, got {raw!r}") from None
+    value = env_number("ACTORQ_SWEEP_INTERVAL_S", 5.0, float)
     if not 0 < value <= 3600:
         raise ValueError(f"ACTORQ_SWEEP_INTERVAL_S must be in (0, 3600], got {value}")
     return value

@@ -19,13 +19,14 @@ import asyncio
 import hashlib
 import hmac
 import json
-import os
 import secrets
 import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
+
+from producer.settings import env_number
 
 __all__ = ["ModelCache", "cache_from_env", "credentials_digest"]
 
@@ -100,23 +101,11 @@ class ModelCache:
         except RuntimeError:
             return 0
 
-    def clear(self) -> None:
-        self._per_loop.clear()
-
 
 def cache_from_env(env: Mapping[str, str] | None = None) -> ModelCache:
     """A cache sized by ``ACTORQ_MODEL_CACHE_SIZE`` and ``ACTORQ_MODEL_CACHE_TTL_S``."""
-    e = os.environ if env is None else env
-    size_raw = e.get("ACTORQ_MODEL_CACHE_SIZE", "").strip() or "128"
-    ttl_raw = e.get("ACTORQ_MODEL_CACHE_TTL_S", "").strip() or "600"
-    try:
-        size = int(size_raw)
-    except ValueError:
-        raise ValueError(f"ACTORQ_MODEL_CACHE_SIZE must be an integer, got {size_raw!r}") from None
-    try:
-        ttl = float(ttl_raw)
-    except ValueError:
-        raise ValueError(f"ACTORQ_MODEL_CACHE_TTL_S must be a number, got {ttl_raw!r}") from None
+    size = env_number("ACTORQ_MODEL_CACHE_SIZE", 128, int, env)
+    ttl = env_number("ACTORQ_MODEL_CACHE_TTL_S", 600.0, float, env)
     if size < 0:
         raise ValueError(f"ACTORQ_MODEL_CACHE_SIZE must be 0 or more, got {size}")
     if not ttl > 0:
