@@ -489,7 +489,7 @@ def test_sweep_interval_setting_is_validated(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_fails(
-    stack_env: dict[str, str],
+    stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import asyncio
 
@@ -498,6 +498,18 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
     from producer import keys, scripts
     from worker.supervisor import Supervisor
 
+    class Ahead:
+        """This test's sweeper runs a minute ahead. The running index is one key for
+        every worker on this Redis: the entries below are due for this sweeper only,
+        not for the live workers' own sweeps, which would otherwise race it."""
+
+        monotonic = staticmethod(time.monotonic)
+
+        @staticmethod
+        def time() -> float:
+            return time.time() + 60
+
+    monkeypatch.setattr("worker.supervisor.time", Ahead)
     queue = f"actorq-sweep-{uuid.uuid4().hex[:6]}"
     settings = Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue})
     c = Client(settings)
@@ -505,14 +517,14 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
     # An attempt claims it with a lease that lapses at once: its worker "died".
     c.redis.eval(
         scripts.CLAIM, 5, *scripts.running_job_keys(job_id), "gone", 1, f"{time.time()}", 3,
-        "gone-worker", 60, 1000, "{}", "{}", queue, time.time() - 1, job_id,
+        "gone-worker", 60, 1000, "{}", "{}", queue, time.time() + 30, job_id,
     )  # fmt: skip
     assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is not None  # indexed by the claim
     # A stale entry of a job that already ended sorts first: the sweep drops it and
     # goes on to the lost job.
     ended = c.enqueue_actor_job(scripted("ended"), "go")
     assert c.cancel_job(ended) is CancelOutcome.CANCELLED
-    c.redis.zadd(keys.RUNNING_INDEX, {ended: time.time() - 2})
+    c.redis.zadd(keys.RUNNING_INDEX, {ended: time.time() + 28})
     time.sleep(0.01)
     sent: list[tuple[str, str, str]] = []
 
@@ -538,6 +550,7 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
         assert asyncio.run(sweep(lambda job, q, actor: sent.append((job, q, actor)))) == 0
     finally:
         c.cancel_job(job_id)
+        c.redis.zrem(keys.RUNNING_INDEX, job_id, ended)
         c.redis.delete(queue)
         c.close()
 
