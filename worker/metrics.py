@@ -129,23 +129,19 @@ def pipeline_acked(lag_s: float) -> None:
     PUBLISH_LAG.observe(max(0.0, lag_s))
 
 
-def published(entries: Sequence[Sequence[str]]) -> None:
-    """Entries were written (each a flat field/value list), any number of jobs at once."""
-    tokens = 0
-    other: dict[str, int] = {}
-    for fields in entries:
-        kind = fields[1] if len(fields) > 1 else ""
-        if kind == "token":
-            tokens += 1
-        else:
-            other[kind] = other.get(kind, 0) + 1
+def published(kinds: Sequence[str]) -> None:
+    """Entries were written, given by their types, any number of jobs at once."""
+    tokens = kinds.count("token")
     if tokens:
         TOKENS.inc(tokens)
         EVENTS.labels("token").inc(tokens)
-    for kind, n in other.items():
-        EVENTS.labels(kind).inc(n)
-        if kind == "reset":
-            RESETS.labels("retry").inc(n)
+    if tokens == len(kinds):
+        return
+    for kind in kinds:  # rare: node boundaries, tool calls, endings
+        if kind != "token":
+            EVENTS.labels(kind).inc()
+            if kind == "reset":
+                RESETS.labels("retry").inc()
 
 
 def process_exited(pid: int | None = None) -> None:

@@ -10,13 +10,13 @@ queueing behind one round trip per token.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -39,13 +39,18 @@ class JobChannel:
 
     job_id: str
     owner: str
-    pending: list[Sequence[str]] = field(default_factory=list)
+    # Entries not yet written, each JSON-encoded when queued, and each one's type.
+    pending: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
     next_seq: int = 1  # sequence number of pending[0]
     lost: bool = False  # lease lost: another attempt owns the job now
     capped: bool = False  # the stream reached ACTORQ_STREAM_MAX_EVENTS
     published: int = 0
     packed: bytes = b""  # this job's constant EVALSHA arguments, RESP-encoded once
-    drained: asyncio.Event = field(default_factory=asyncio.Event)
+    unwritten: bool = False  # entries queued or in flight, not yet acknowledged
+    # Made only when someone drains a channel with entries still pending: a job
+    # drains once, at its end, while its tokens come and go hundreds of times.
+    drained: asyncio.Future[None] | None = None
 
     @property
     def stopped(self) -> bool:
@@ -73,27 +78,32 @@ class Publisher:
         self._last_send = 0.0
 
     def open(self, job_id: str, owner: str) -> JobChannel:
-        channel = JobChannel(job_id, owner)
-        channel.drained.set()
-        return channel
+        return JobChannel(job_id, owner)
 
     def publish(self, channel: JobChannel, fields: Sequence[str]) -> None:
-        """Queue one entry (flat field/value list); never blocks the caller."""
+        """Queue one entry (flat field/value list: ``type``, its kind, ...); never blocks."""
         if channel.stopped:
             return
         if not self._dirty:
             self._dirty_since = time.monotonic()
-        if self._stamp and fields[1] == "token":
+        kind = fields[1]
+        if self._stamp and kind == "token":
             fields = [*fields, "ts", f"{time.time():.6f}"]
-        channel.pending.append(fields)
-        channel.drained.clear()
+        # Encoded now, one C call per string, so a batch is a join of its entries.
+        channel.pending.append("[" + ",".join(map(encode_basestring, fields)) + "]")
+        channel.kinds.append(kind)
+        channel.unwritten = True
         self._dirty[channel] = None
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     async def drain(self, channel: JobChannel) -> None:
         """Wait until every entry queued for ``channel`` is written (or can't be)."""
-        await channel.drained.wait()
+        if not channel.unwritten:
+            return
+        if channel.drained is None:
+            channel.drained = asyncio.get_running_loop().create_future()
+        await asyncio.shield(channel.drained)
 
     async def _flush(self) -> None:
         try:
@@ -107,17 +117,18 @@ class Publisher:
                 batch = list(self._dirty)
                 self._dirty.clear()
                 since, self._dirty_since = self._dirty_since, time.monotonic()
-                taken = [(ch, ch.pending, ch.next_seq) for ch in batch]
+                taken = [(ch, ch.pending, ch.kinds, ch.next_seq) for ch in batch]
                 for ch in batch:
-                    ch.pending = []
+                    ch.pending, ch.kinds = [], []
                 try:
                     results = await self._send(taken)
                 except Exception as exc:
                     # Whatever failed (a connection, a failover's READONLY, an OOM), put
                     # the batch back in front and retry: entries are never dropped, and
                     # the script's sequence check drops what a cut pipeline already wrote.
-                    for ch, entries, _ in taken:
-                        ch.pending = list(entries) + ch.pending
+                    for ch, entries, kinds, _ in taken:
+                        ch.pending = entries + ch.pending
+                        ch.kinds = kinds + ch.kinds
                         self._dirty[ch] = None
                     if isinstance(exc, NoScriptError):
                         self._sha = None  # the server restarted: load the script again
@@ -128,28 +139,32 @@ class Publisher:
                     continue
                 backoff = 0.05
                 metrics.pipeline_acked(time.monotonic() - since)
-                written: list[Sequence[str]] = []  # counted once per pipeline, not per job
-                for (ch, entries, _), result in zip(taken, results, strict=True):
+                written: list[str] = []  # the kinds written, counted once per pipeline
+                for (ch, entries, kinds, _), result in zip(taken, results, strict=True):
                     ch.next_seq += len(entries)
                     if result > 0:
-                        written += entries[len(entries) - result :]
-                    if result == -1:
+                        written += kinds[len(kinds) - result :]
+                        ch.published += result
+                    elif result == -1:
                         ch.lost = True
                     elif result == -2:
                         ch.capped = True
-                    else:
-                        ch.published += int(result)
                     if ch.stopped:
                         ch.pending.clear()
+                        ch.kinds.clear()
                     if not ch.pending:
-                        ch.drained.set()
+                        ch.unwritten = False
+                        if ch.drained is not None:
+                            if not ch.drained.done():
+                                ch.drained.set_result(None)
+                            ch.drained = None
                 metrics.published(written)
         finally:
             self._flusher = None
             if self._dirty:  # raced with a publish after the loop's last check
                 self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def _send(self, taken: list[tuple[JobChannel, list[Sequence[str]], int]]) -> list[int]:
+    async def _send(self, taken: list[tuple[JobChannel, list[str], list[str], int]]) -> list[int]:
         """One round trip: every job's EVALSHA packed by hand into one write.
 
         Only the sequence number and the JSON batch are encoded per call; the rest
@@ -160,11 +175,11 @@ class Publisher:
             self._sha = str(await self._redis.script_load(scripts.PUBLISH))
             self._head = b"*12\r\n$7\r\nEVALSHA\r\n" + bulk(self._sha.encode()) + b"$1\r\n3\r\n"
         parts: list[bytes] = []
-        for ch, entries, first_seq in taken:
+        for ch, entries, _, first_seq in taken:
             if not ch.packed:
                 ch.packed = self._pack_channel(ch)
             # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
-            batch = _encode_json(entries).encode("utf-8", "replace")
+            batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
             parts += [self._head, ch.packed, bulk(str(first_seq).encode()), bulk(batch)]
         conn = self._conn
         if conn is None:
@@ -172,9 +187,9 @@ class Publisher:
             # release per pipeline cost more than packing its commands.
             conn = self._conn = await self._redis.connection_pool.get_connection()
         try:
-            await conn.send_packed_command(b"".join(parts), check_health=False)
-            # One deadline for all the replies rather than a timer per reply.
+            # One deadline for the write and all the replies rather than a timer each.
             async with asyncio.timeout(conn.socket_timeout or None):
+                await _write(conn, b"".join(parts))
                 return [int(await conn.read_response(timeout=math.inf)) for _ in taken]
         except BaseException:
             self._conn = None
@@ -196,6 +211,17 @@ class Publisher:
         return b"".join(bulk(a.encode()) for a in args)
 
 
-# One encoder for every batch: json.dumps with non-default options builds a new
-# JSONEncoder per call, which cost more than encoding a one-token batch.
-_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+async def _write(conn: Any, data: bytes) -> None:
+    """Write to the connection's stream directly when it has one.
+
+    ``send_packed_command`` wraps every write in ``asyncio.wait_for`` when the pool
+    has a ``socket_timeout``: a task, a timer and an extra loop turn per pipeline,
+    which cost more than the pipeline's tokens. The caller's deadline covers it.
+    """
+    writer = getattr(conn, "_writer", None)
+    if writer is None:
+        await conn.send_packed_command(data, check_health=False)
+        return
+    writer.write(data)
+    await writer.drain()
