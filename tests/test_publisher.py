@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 import uuid
+
+import pytest
+import redis.asyncio
+import redis.asyncio.connection
 
 from producer import Client, Settings, keys
 from tests.conftest import RedisTarget
 from tests.helpers import scripted
 from worker.jobs import JobRunner
+from worker.publisher import Publisher
 
 
 def test_an_unencodable_token_loses_nothing_of_its_own_job_or_its_pipeline_neighbours(
@@ -51,3 +58,85 @@ def test_an_unencodable_token_loses_nothing_of_its_own_job_or_its_pipeline_neigh
             client.cancel_job(job_id)
         client.redis.delete(queue)
         client.close()
+
+
+class _FreezableProxy:
+    """A TCP proxy to Redis whose open connections can be frozen: bytes go nowhere.
+
+    A frozen connection stays open, like one to a Redis host that stopped
+    answering without closing the socket; connections made later pass through.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        self._target = redis.asyncio.connection.parse_url(target_url)
+        self._pumps: list[tuple[asyncio.Task[None], dict[str, bool]]] = []
+        self._server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(
+            self._target.get("host", "127.0.0.1"), self._target.get("port", 6379)
+        )
+        state = {"frozen": False}
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                if not state["frozen"]:
+                    dst.write(data)
+            dst.close()
+
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            self._pumps.append((asyncio.ensure_future(pump(src, dst)), state))
+
+    def freeze_open_connections(self) -> None:
+        for _, state in self._pumps:
+            state["frozen"] = True
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task, _ in self._pumps:
+            task.cancel()
+
+
+def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
+    redis_target: RedisTarget, stack_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    job = f"pub-watchdog-{uuid.uuid4().hex[:8]}"
+    r = redis_target.client()
+    r.set(keys.lease_key(job), "owner", ex=60)
+    settings = Settings.from_env(stack_env)
+    db = redis.asyncio.connection.parse_url(redis_target.url).get("db", 0)
+
+    async def main() -> float:
+        proxy = _FreezableProxy(redis_target.url)
+        await proxy.start()
+        client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, db=db, socket_timeout=0.5)
+        pub = Publisher(client, settings)
+        ch = pub.open(job, "owner")
+        try:
+            pub.publish(ch, ["type", "token", "text", "A", "node", "n"])
+            await asyncio.wait_for(pub.drain(ch), 10)
+            proxy.freeze_open_connections()
+            t0 = time.monotonic()
+            pub.publish(ch, ["type", "token", "text", "B", "node", "n"])
+            await asyncio.wait_for(pub.drain(ch), 10)
+            return time.monotonic() - t0
+        finally:
+            await client.aclose()
+            await proxy.close()
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
+            took = asyncio.run(main())
+        entries = r.xrange(keys.events_key(job))
+        assert [f[b"text"] for _, f in entries] == [b"A", b"B"]  # B once, after A
+        assert took >= 0.5  # waited out the timeout, then went through a new connection
+        assert any("unanswered" in rec.getMessage() for rec in caplog.records)
+    finally:
+        r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
+        r.close()

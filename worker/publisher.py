@@ -76,6 +76,12 @@ class Publisher:
         # once, but under load the tokens of a few milliseconds share one round trip.
         self._interval = float(os.environ.get("ACTORQ_PUBLISH_INTERVAL_MS", "1")) / 1000
         self._last_send = 0.0
+        # A pipeline unanswered this long has its connection cut and is sent again. One
+        # watchdog timer checks it, rather than a deadline armed for every round trip.
+        timeout = redis.connection_pool.connection_kwargs.get("socket_timeout")
+        self._reply_timeout = float(timeout) if timeout else None
+        self._awaiting_since: float | None = None  # loop time the pipeline in flight went out
+        self._watchdog: asyncio.TimerHandle | None = None
 
     def open(self, job_id: str, owner: str) -> JobChannel:
         return JobChannel(job_id, owner)
@@ -105,10 +111,28 @@ class Publisher:
             channel.drained = asyncio.get_running_loop().create_future()
         await asyncio.shield(channel.drained)
 
+    def _watch(self) -> None:
+        """Cut the connection of a pipeline unanswered for longer than the socket timeout."""
+        self._watchdog = None
+        if self._flusher is None or self._reply_timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        since, conn = self._awaiting_since, self._conn
+        if since is not None and conn is not None and loop.time() - since > self._reply_timeout:
+            log.warning(
+                "Redis left a pipeline unanswered for %.1fs; reconnecting", loop.time() - since
+            )
+            transport = getattr(getattr(conn, "_writer", None), "transport", None)
+            if transport is not None:
+                transport.abort()  # the pending read fails and the batch is sent again
+        self._watchdog = loop.call_later(self._reply_timeout / 4, self._watch)
+
     async def _flush(self) -> None:
         try:
             backoff = 0.05
             loop = asyncio.get_running_loop()
+            if self._watchdog is None and self._reply_timeout is not None:
+                self._watchdog = loop.call_later(self._reply_timeout / 4, self._watch)
             while self._dirty:
                 wait = self._last_send + self._interval - loop.time()
                 if wait > 0:
@@ -186,16 +210,17 @@ class Publisher:
             # Held across pipelines (one flush runs at a time): a pool checkout and
             # release per pipeline cost more than packing its commands.
             conn = self._conn = await self._redis.connection_pool.get_connection()
+        self._awaiting_since = asyncio.get_running_loop().time()
         try:
-            # One deadline for the write and all the replies rather than a timer each.
-            async with asyncio.timeout(conn.socket_timeout or None):
-                await _write(conn, b"".join(parts))
-                return [int(await conn.read_response(timeout=math.inf)) for _ in taken]
+            await _write(conn, b"".join(parts))
+            return [int(await conn.read_response(timeout=math.inf)) for _ in taken]
         except BaseException:
             self._conn = None
             await conn.disconnect()  # replies may be left unread: never reuse it
             await self._redis.connection_pool.release(conn)
             raise
+        finally:
+            self._awaiting_since = None
 
     def _pack_channel(self, ch: JobChannel) -> bytes:
         s, job = self._settings, ch.job_id
@@ -211,13 +236,12 @@ class Publisher:
         return b"".join(bulk(a.encode()) for a in args)
 
 
-
 async def _write(conn: Any, data: bytes) -> None:
     """Write to the connection's stream directly when it has one.
 
     ``send_packed_command`` wraps every write in ``asyncio.wait_for`` when the pool
     has a ``socket_timeout``: a task, a timer and an extra loop turn per pipeline,
-    which cost more than the pipeline's tokens. The caller's deadline covers it.
+    which cost more than the pipeline's tokens. The publisher's watchdog covers it.
     """
     writer = getattr(conn, "_writer", None)
     if writer is None:
