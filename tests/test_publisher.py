@@ -140,3 +140,35 @@ def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
     finally:
         r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
         r.close()
+
+
+def test_a_script_cache_flushed_under_the_publisher_is_loaded_again(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """A restarted or failed-over Redis has no scripts: NOSCRIPT makes the publisher reload."""
+    if redis_target.embedded is None:
+        pytest.skip("SCRIPT FLUSH would empty the script cache of a Redis shared with others")
+    job = f"pub-noscript-{uuid.uuid4().hex[:8]}"
+    r = redis_target.client()
+    r.set(keys.lease_key(job), "owner", ex=60)
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(redis_target.url, socket_timeout=5)
+        pub = Publisher(client, Settings.from_env(stack_env))
+        ch = pub.open(job, "owner")
+        try:
+            pub.publish(ch, ["type", "token", "text", "A", "node", "n"])
+            await asyncio.wait_for(pub.drain(ch), 10)
+            await client.script_flush()
+            pub.publish(ch, ["type", "token", "text", "B", "node", "n"])
+            await asyncio.wait_for(pub.drain(ch), 10)
+        finally:
+            await client.aclose()
+
+    try:
+        asyncio.run(main())
+        entries = r.xrange(keys.events_key(job))
+        assert [f[b"text"] for _, f in entries] == [b"A", b"B"]
+    finally:
+        r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
+        r.close()

@@ -10,17 +10,18 @@ queueing behind one round trip per token.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from producer import keys, scripts
 from producer.resp import bulk
@@ -213,7 +214,8 @@ class Publisher:
         self._awaiting_since = asyncio.get_running_loop().time()
         try:
             await _write(conn, b"".join(parts))
-            return [int(await conn.read_response(timeout=math.inf)) for _ in taken]
+            read = _reply_reader(conn)
+            return [int(await read()) for _ in taken]
         except BaseException:
             self._conn = None
             await conn.disconnect()  # replies may be left unread: never reuse it
@@ -249,3 +251,24 @@ async def _write(conn: Any, data: bytes) -> None:
         return
     writer.write(data)
     await writer.drain()
+
+
+def _reply_reader(conn: Any) -> Callable[[], Awaitable[Any]]:
+    """A coroutine function reading the connection's next reply, raising error replies.
+
+    The connection's parser read directly: ``read_response`` wraps each reply in
+    per-call error formatting and health-check bookkeeping that cost more than
+    parsing it (1.1-1.8 vs 0.3-0.7 us per reply). Errors still disconnect: the
+    caller drops the connection on any exception.
+    """
+    parser_read = getattr(getattr(conn, "_parser", None), "read_response", None)
+    if parser_read is None:
+        return functools.partial(conn.read_response, timeout=math.inf)
+
+    async def read() -> Any:
+        reply = await parser_read()
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    return read
