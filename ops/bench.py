@@ -53,6 +53,9 @@ class BenchOptions:
     tokens: int = 200
     delay_ms: float = 20.0
     ttft_ms: float = 100.0
+    # The load's jobs and the floor's start on one seeded random schedule over this
+    # long (bench_peers.arrival_offsets), so both see the same phases and ramp.
+    ramp_s: float = 1.0
     idle_jobs: int = 30
     memory_jobs: int = 50
     tail_jobs: int = 1000
@@ -75,6 +78,8 @@ class BenchOptions:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0 <= value <= 60_000:
                 raise ValueError(f"{name} must be between 0 and 60000 ms, got {value!r}")
+        if not isinstance(self.ramp_s, int | float) or not 0 <= self.ramp_s <= 600:
+            raise ValueError(f"ramp_s must be between 0 and 600 s, got {self.ramp_s!r}")
 
     @classmethod
     def quick(cls, **over: Any) -> BenchOptions:
@@ -86,6 +91,7 @@ class BenchOptions:
             tokens=20,
             delay_ms=30,
             ttft_ms=20,
+            ramp_s=0.2,
             idle_jobs=3,
             memory_jobs=3,
             tail_jobs=40,
@@ -163,15 +169,17 @@ async def _run_jobs(
     n: int,
     timeout: float,
     on_sample: Callable[[], None],
+    ramp_s: float = 0.0,
 ) -> list[JobTrace]:
     """Enqueue ``n`` jobs from another process and tail each here as soon as it exists.
 
     The enqueuing runs apart, as a web front end would, so this process measures a
     router that only tails (a thread would take the GIL from the tails' loop).
+    ``ramp_s``: enqueue on the schedule of ``arrival_offsets`` (0: as fast as it can).
     """
     args = [
         sys.executable, "-m", "ops.bench_peers", "enqueue", "--jobs", str(n),
-        "--config", json.dumps(config),
+        "--config", json.dumps(config), "--ramp-s", str(ramp_s),
     ]  # fmt: skip
     proc = await asyncio.create_subprocess_exec(
         *args, env={**os.environ, **env}, stdout=subprocess.PIPE
@@ -306,7 +314,7 @@ def _redis_sizes(r: Any, traces: list[JobTrace]) -> dict[str, float]:
 
 
 def _phase_stream(
-    stack: _Stack, name: str, jobs: int, tokens: int, delay_ms: float
+    stack: _Stack, name: str, jobs: int, tokens: int, delay_ms: float, ramp_s: float = 0.0
 ) -> dict[str, Any]:
     """``jobs`` concurrent jobs on one worker process, tailed from this process."""
     o = stack.opts
@@ -330,7 +338,7 @@ def _phase_stream(
         with Sampler(w.pid, stack.redis.port) as sampler:
             cpu0 = cpu_seconds(pids)
             others0 = {k: cpu_seconds(v) for k, v in others.items()}
-            traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample)
+            traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample, ramp_s)
             cpu = cpu_seconds(pids) - cpu0
             other_cpu.update({k: cpu_seconds(v) - others0[k] for k, v in others.items()})
             peak["redis_clients"] = int(r.info("clients")["connected_clients"])
@@ -461,6 +469,7 @@ def _floor(o: BenchOptions) -> dict[str, Any]:
     args = [
         sys.executable, "-m", "ops.bench_peers", "floor", "--jobs", str(o.jobs),
         "--tokens", str(o.tokens), "--ttft-ms", str(o.ttft_ms), "--delay-ms", str(o.delay_ms),
+        "--ramp-s", str(o.ramp_s),
     ]  # fmt: skip
     env = {**os.environ, "ACTORQ_UVLOOP": "1" if o.uvloop else "0"}
     done = subprocess.run(args, env=env, capture_output=True, check=True, timeout=600)
@@ -502,7 +511,9 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
         results["floor"] = _floor(opts)
         out(lap())
         out(f"  load: {opts.jobs} concurrent jobs on one worker process ...")
-        results["load"] = _phase_stream(stack, "load", opts.jobs, opts.tokens, opts.delay_ms)
+        results["load"] = _phase_stream(
+            stack, "load", opts.jobs, opts.tokens, opts.delay_ms, opts.ramp_s
+        )
         out(lap())
         # Again right after: a neighbour that took the CPU during one of the two
         # moves the mean less than it moves either.

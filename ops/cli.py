@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, help="tokens per job (200)")
     p.add_argument("--delay-ms", type=float, help="inter-token delay of the model (20)")
     p.add_argument("--ttft-ms", type=float, help="model time to first token (100)")
+    p.add_argument(
+        "--ramp-s", type=float, help="load and floor start their jobs over this long (1.0)"
+    )
     p.add_argument("--idle-jobs", type=int, help="jobs for first-token latency (30)")
     p.add_argument("--memory-jobs", type=int, help="jobs for Redis memory (50)")
     p.add_argument("--tail-jobs", type=int, help="concurrent tails of the fan-in phase (1000)")

@@ -14,6 +14,7 @@ import pytest
 
 from ops.bench import BenchOptions, bracket_floor, memory_tokens, run_bench
 from ops.bench_measure import JobTrace, all_streaming
+from ops.bench_peers import arrival_offsets
 from ops.cli import main
 
 FIGURES = {
@@ -92,6 +93,18 @@ def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> 
     assert "delay_ms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="tail_jobs"):
         BenchOptions(tail_jobs=0)
+    assert main(["bench", "--ramp-s", "-1"]) == 2
+    assert "ramp_s must be between 0 and 600" in capsys.readouterr().err
+
+
+def test_the_floor_and_the_load_share_one_random_arrival_schedule() -> None:
+    offsets = arrival_offsets(300, 1.0)
+    assert offsets == arrival_offsets(300, 1.0)  # seeded: both processes compute the same
+    assert offsets == sorted(offsets) and offsets[0] >= 0 and offsets[-1] < 1.0
+    # Not in phase: the starts spread over the 20 ms between tokens, not a few slots.
+    phases = {int(x * 1000) % 20 for x in offsets}
+    assert len(phases) == 20
+    assert arrival_offsets(5, 0) == [0.0] * 5
 
 
 def test_all_streaming_window_is_where_every_job_overlaps() -> None:
