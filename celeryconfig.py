@@ -12,6 +12,7 @@ from kombu import Queue
 
 from producer import broker
 from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options
+from producer.settings import broker_transport_options as _transport_options_for
 
 
 def _env_int(name: str, default: int) -> int:
@@ -76,29 +77,9 @@ worker_cancel_long_running_tasks_on_connection_loss = True
 #: running (see worker/consumer.py): a worker survives a broker restart.
 worker_consumer = "worker.consumer:Consumer"
 
-_broker_is_redis = broker_url.startswith(("redis://", "rediss://", "unix://"))
-#: Redis broker only (RabbitMQ redelivers as soon as a consumer's connection drops):
-#: - ``visibility_timeout``: an unacked message reappears after this many seconds.
-#:   It must exceed the longest job (limits.timeout_ms is capped at 24 h), or a
-#:   long job would be delivered again while it runs (harmless, but wasteful).
-#:   Dead workers are found much sooner by the lease sweeper
-#:   (``ACTORQ_SWEEP_INTERVAL_S``), which sends their jobs again itself.
-#: - ``unacked_restore_interval`` / ``unacked_restore_throttle``: how often a worker
-#:   scans for messages past their visibility timeout (every 10 s, every time).
-#: - socket options: a broker that vanishes without closing the TCP connection
-#:   (failover, NAT timeout) is noticed instead of hanging a publish forever.
-broker_transport_options = (
-    {
-        "visibility_timeout": _env_int("ACTORQ_VISIBILITY_TIMEOUT_S", 25 * 3600),
-        "unacked_restore_interval": _env_int("ACTORQ_UNACKED_RESTORE_INTERVAL_S", 10),
-        "unacked_restore_throttle": 1,
-        "socket_timeout": 30,
-        "socket_connect_timeout": 5,
-        "socket_keepalive": True,
-    }
-    if _broker_is_redis
-    else {}
-)
+#: Visibility timeout, unacked restore and socket options of a Redis broker
+#: (none for RabbitMQ): see :func:`producer.settings.broker_transport_options`.
+broker_transport_options = _transport_options_for(broker_url, os.environ)
 
 #: The threads pool with one shared asyncio loop per process: one process streams
 #: hundreds of jobs at once (prefork + asyncio.run would run one per child).

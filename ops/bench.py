@@ -430,7 +430,8 @@ def _phase_prefork(stack: _Stack) -> dict[str, Any]:
     )  # fmt: skip
     from .bench_prefork import PREFORK_TASK, app
 
-    app.conf.broker_url = stack.redis.url
+    url = stack.redis.url  # as the read and write URLs too: Celery prefers CELERY_BROKER_URL
+    app.conf.update(broker_url=url, broker_read_url=url, broker_write_url=url)
     n = 2 * o.prefork
     ids = _make_jobs(stack, f"prefork-{uuid.uuid4().hex[:6]}", n)
     client = _client(stack.env)

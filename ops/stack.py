@@ -211,13 +211,10 @@ class WorkerProcess:
 
     def wait_ready(self, redis_url: str, timeout: float = 30.0) -> None:
         """Wait until the worker consumes: ping it through the broker."""
-        from celery import Celery
+        from producer.client import celery_app
+        from producer.settings import Settings
 
-        import celeryconfig
-
-        app = Celery("actorq-ping")
-        app.config_from_object(celeryconfig)
-        app.conf.broker_url = self.env.get("CELERY_BROKER_URL") or redis_url
+        app = celery_app("actorq-ping", Settings.from_env({"REDIS_URL": redis_url, **self.env}))
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import time
 import uuid
@@ -40,16 +41,42 @@ from .schema import (
     JobStatus,
     task_message,
 )
-from .settings import Settings
+from .settings import Settings, broker_transport_options
 from .tail import Tail
 
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["CancelOutcome", "Client"]
+__all__ = ["CancelOutcome", "Client", "celery_app"]
 
 _IDEM_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
 _BLOCK_MS = 2000
+
+
+def celery_app(name: str, settings: Settings) -> Celery:
+    """A Celery app on ``settings``' broker and queue, with actorq's Celery settings.
+
+    Celery takes ``CELERY_BROKER_URL`` from the process environment over any
+    ``broker_url`` it is given, so an app told to use another broker would
+    quietly use the environment's. Its connections are made from the read and
+    write URLs, which are set here, so ``settings`` decide.
+    """
+    from celery import Celery
+
+    import celeryconfig
+
+    url = settings.broker_url
+    app = Celery(name)
+    app.config_from_object(celeryconfig)
+    app.conf.update(
+        broker_url=url,
+        broker_read_url=url,
+        broker_write_url=url,
+        broker_use_ssl=settings.broker_ssl,
+        broker_transport_options=broker_transport_options(url, os.environ),
+        task_default_queue=settings.queue,
+    )
+    return app
 
 
 class CancelOutcome(str, Enum):
@@ -104,16 +131,7 @@ class Client:
     @property
     def celery(self) -> Celery:
         if self._celery is None:
-            from celery import Celery
-
-            import celeryconfig
-
-            app = Celery("actorq-producer")
-            app.config_from_object(celeryconfig)
-            app.conf.broker_url = self.settings.broker_url
-            app.conf.broker_use_ssl = self.settings.broker_ssl
-            app.conf.task_default_queue = self.settings.queue
-            self._celery = app
+            self._celery = celery_app("actorq-producer", self.settings)
         return self._celery
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ __all__ = [
     "DEFAULT_REDIS_URL",
     "Settings",
     "broker_ssl_options",
+    "broker_transport_options",
     "env_number",
     "redis_tls_options",
 ]
@@ -74,6 +75,33 @@ def broker_ssl_options(broker_url: str, env: Mapping[str, str]) -> dict[str, Any
     if not broker_url.lower().startswith("rediss://"):
         return None
     return {"ssl_cert_reqs": "required", **redis_tls_options(env)}
+
+
+def broker_transport_options(broker_url: str, env: Mapping[str, str]) -> dict[str, Any]:
+    """Celery's ``broker_transport_options`` for ``broker_url`` (empty for RabbitMQ).
+
+    Redis broker only (RabbitMQ redelivers as soon as a consumer's connection drops):
+
+    - ``visibility_timeout``: an unacked message reappears after this many seconds.
+      It must exceed the longest job (limits.timeout_ms is capped at 24 h), or a
+      long job would be delivered again while it runs (harmless, but wasteful).
+      Dead workers are found much sooner by the lease sweeper
+      (``ACTORQ_SWEEP_INTERVAL_S``), which sends their jobs again itself.
+    - ``unacked_restore_interval`` / ``unacked_restore_throttle``: how often a worker
+      scans for messages past their visibility timeout (every 10 s, every time).
+    - socket options: a broker that vanishes without closing the TCP connection
+      (failover, NAT timeout) is noticed instead of hanging a publish forever.
+    """
+    if not broker_url.lower().startswith(("redis://", "rediss://", "unix://")):
+        return {}
+    return {
+        "visibility_timeout": env_number("ACTORQ_VISIBILITY_TIMEOUT_S", 25 * 3600, int, env),
+        "unacked_restore_interval": env_number("ACTORQ_UNACKED_RESTORE_INTERVAL_S", 10, int, env),
+        "unacked_restore_throttle": 1,
+        "socket_timeout": 30,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+    }
 
 
 @dataclass(frozen=True)

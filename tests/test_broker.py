@@ -8,8 +8,11 @@ import pytest
 from kombu import Connection
 
 import celeryconfig  # noqa: F401  (installs the transport, as every actorq app does)
+from producer import Client, Settings
 from producer.broker import Channel, Transport
+from producer.client import celery_app
 from tests.conftest import RedisTarget
+from tests.helpers import queue_length, scripted
 
 
 def test_redis_urls_get_the_shared_client_transport() -> None:
@@ -44,3 +47,29 @@ def test_messages_round_trip_and_the_channel_keeps_one_client(redis_target: Redi
         r.delete(queue)
     finally:
         r.close()
+
+
+def test_a_client_sends_to_its_settings_broker_whatever_the_environment_names(
+    redis_target: RedisTarget, stack_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Celery prefers CELERY_BROKER_URL from the environment over a configured URL."""
+    monkeypatch.setenv("CELERY_BROKER_URL", "amqp://guest:guest@127.0.0.1:1//")  # nothing there
+    queue = f"actorq-test-envbroker-{uuid.uuid4().hex[:8]}"
+    settings = Settings.from_env(
+        {**stack_env, "CELERY_BROKER_URL": redis_target.url, "ACTORQ_QUEUE": queue}
+    )
+    client = Client(settings)
+    r = redis_target.client()
+    job_id = ""
+    try:
+        job_id = client.enqueue_actor_job(scripted("x"), "go")
+        assert queue_length(r, queue) == 1  # on the settings' Redis, not the environment's broker
+        assert celery_app("actorq-check", settings).connection_for_write().as_uri().startswith(
+            "redis://"
+        )
+    finally:
+        if job_id:
+            client.cancel_job(job_id)
+        r.delete(queue)
+        r.close()
+        client.close()

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ops.stack import WorkerProcess, free_port
 from producer import Client, JobStatus, Settings
+from producer.client import celery_app
 from tests.conftest import WorkerFactory
 from tests.helpers import scripted
 from tests.ops_support import http_get
@@ -93,9 +94,7 @@ def test_metrics_count_what_the_worker_did(metered: tuple[WorkerProcess, int, Cl
     for name in ("actorq_provider_retries_total", "actorq_redeliveries_total"):
         assert (name, ()) in after  # exported even while zero
     # A duplicate delivery of an ended job runs nothing and is counted as skipped.
-    from worker.app import app
-
-    app.conf.broker_url = client.settings.broker_url
+    app = celery_app("actorq-test", client.settings)
     app.send_task(
         "actorq.run_job", args=[done[0], "tester"], kwargs={"v": 1}, queue=client.settings.queue
     )

@@ -8,9 +8,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-from celery import Celery
-
-import celeryconfig
+from producer import Settings
+from producer.client import celery_app
 from tests.conftest import WorkerFactory
 from worker.prestart import prestart
 
@@ -35,9 +34,7 @@ def test_a_worker_has_its_threads_before_its_first_job(
 ) -> None:
     env = {**stack_env, "ACTORQ_QUEUE": f"prestart-{uuid.uuid4().hex[:8]}"}
     worker = start_worker(f"prestart-{uuid.uuid4().hex[:6]}", concurrency=24, env=env)
-    app = Celery("actorq-inspect")
-    app.config_from_object(celeryconfig)
-    app.conf.broker_url = env.get("CELERY_BROKER_URL") or env["REDIS_URL"]
+    app = celery_app("actorq-inspect", Settings.from_env(env))
     try:
         stats: dict[str, object] = {}
         deadline = time.monotonic() + 20

@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from celery import Celery
 
-import celeryconfig
 from ops.stack import WorkerProcess
 from producer import Client, JobStatus, SecretKeyMissing, Settings
+from producer.client import celery_app
 from producer.crypto import generate_key
 from tests.conftest import RedisTarget, WorkerFactory, hostname
 from tests.helpers import actorq_keys, queue_length, scripted
@@ -66,10 +66,7 @@ def private_stack(
 
 
 def _inspect_app(env: dict[str, str]) -> Celery:
-    app = Celery("actorq-inspect")
-    app.config_from_object(celeryconfig)
-    app.conf.broker_url = env["REDIS_URL"]
-    return app
+    return celery_app("actorq-inspect", Settings.from_env(env))
 
 
 def test_no_secret_in_redis_logs_flower_or_inspect(
