@@ -80,8 +80,16 @@ def test_metrics_count_what_the_worker_did(metered: tuple[WorkerProcess, int, Cl
     assert record.status is JobStatus.CANCELLED
     tokens += sum(1 for e in client.stream_events(slow, timeout=5) if e.type == "token")
 
-    after = scrape(port)
-    delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    # A job's record is written before the worker counts its ending: wait, bounded.
+    deadline = time.monotonic() + 10
+    while True:
+        after = scrape(port)
+        delta = {k: v - before.get(k, 0.0) for k, v in after.items()}
+        ended = sum(value(delta, "actorq_jobs_total", status=s) for s in ("succeeded", "cancelled"))
+        idle = value(after, "actorq_streams_in_flight") == 0
+        if (ended >= 4 and idle) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert value(delta, "actorq_jobs_total", status="succeeded") == 3
     assert value(delta, "actorq_jobs_total", status="cancelled") == 1
     assert value(delta, "actorq_cancels_total") == 1
