@@ -11,14 +11,8 @@ import os
 from kombu import Queue
 
 from producer import broker
-from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options
+from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options, env_number
 from producer.settings import broker_transport_options as _transport_options_for
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name, "")
-    return int(raw) if raw.strip() else default
-
 
 #: ``redis://`` brokers use kombu's Redis transport with one client per channel.
 broker.install()
@@ -84,7 +78,7 @@ broker_transport_options = _transport_options_for(broker_url, os.environ)
 #: The threads pool with one shared asyncio loop per process: one process streams
 #: hundreds of jobs at once (prefork + asyncio.run would run one per child).
 worker_pool = "threads"
-worker_concurrency = _env_int("ACTORQ_CONCURRENCY", 200)
+worker_concurrency = env_number("ACTORQ_CONCURRENCY", 200, int)
 
 #: Task events for Flower; argsrepr / kwargsrepr carry only the job id and actor name.
 worker_send_task_events = True

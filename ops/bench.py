@@ -428,10 +428,11 @@ def _phase_prefork(stack: _Stack) -> dict[str, Any]:
         "prefork", o.prefork, app="ops.bench_prefork", pool="prefork",
         env={"ACTORQ_QUEUE": queue},
     )  # fmt: skip
+    from producer.client import use_broker
+
     from .bench_prefork import PREFORK_TASK, app
 
-    url = stack.redis.url  # as the read and write URLs too: Celery prefers CELERY_BROKER_URL
-    app.conf.update(broker_url=url, broker_read_url=url, broker_write_url=url)
+    use_broker(app, stack.redis.url)
     n = 2 * o.prefork
     ids = _make_jobs(stack, f"prefork-{uuid.uuid4().hex[:6]}", n)
     client = _client(stack.env)

@@ -47,7 +47,7 @@ from .tail import Tail
 if TYPE_CHECKING:
     from celery import Celery
 
-__all__ = ["CancelOutcome", "Client", "celery_app"]
+__all__ = ["CancelOutcome", "Client", "celery_app", "use_broker"]
 
 _IDEM_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
 _BLOCK_MS = 2000
@@ -57,9 +57,7 @@ def celery_app(name: str, settings: Settings) -> Celery:
     """A Celery app on ``settings``' broker and queue, with actorq's Celery settings.
 
     Celery takes ``CELERY_BROKER_URL`` from the process environment over any
-    ``broker_url`` it is given, so an app told to use another broker would
-    quietly use the environment's. Its connections are made from the read and
-    write URLs, which are set here, so ``settings`` decide.
+    ``broker_url`` it is given; :func:`use_broker` makes ``settings`` decide.
     """
     from celery import Celery
 
@@ -68,15 +66,22 @@ def celery_app(name: str, settings: Settings) -> Celery:
     url = settings.broker_url
     app = Celery(name)
     app.config_from_object(celeryconfig)
+    use_broker(app, url)
     app.conf.update(
-        broker_url=url,
-        broker_read_url=url,
-        broker_write_url=url,
         broker_use_ssl=settings.broker_ssl,
         broker_transport_options=broker_transport_options(url, os.environ),
         task_default_queue=settings.queue,
     )
     return app
+
+
+def use_broker(app: Celery, url: str) -> None:
+    """Send ``app``'s messages through ``url``, whatever ``CELERY_BROKER_URL`` says.
+
+    Celery reads ``broker_url`` from the environment first; its connections use the
+    read and write URLs, which only their own variables override.
+    """
+    app.conf.update(broker_url=url, broker_read_url=url, broker_write_url=url)
 
 
 class CancelOutcome(str, Enum):

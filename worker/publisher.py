@@ -66,6 +66,7 @@ class Publisher:
         self._settings = settings
         self._sha: str | None = None
         self._conn: Any = None  # the connection pipelines go out on, once taken
+        self._read_reply: Callable[[], Awaitable[Any]] | None = None  # _conn's reply reader
         self._head = b""
         self._dirty: dict[JobChannel, None] = {}
         self._flusher: asyncio.Task[None] | None = None
@@ -206,18 +207,18 @@ class Publisher:
             # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
             batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
             parts += [self._head, ch.packed, bulk(str(first_seq).encode()), bulk(batch)]
-        conn = self._conn
-        if conn is None:
+        conn, read = self._conn, self._read_reply
+        if conn is None or read is None:
             # Held across pipelines (one flush runs at a time): a pool checkout and
             # release per pipeline cost more than packing its commands.
             conn = self._conn = await self._redis.connection_pool.get_connection()
+            read = self._read_reply = _reply_reader(conn)
         self._awaiting_since = asyncio.get_running_loop().time()
         try:
             await _write(conn, b"".join(parts))
-            read = _reply_reader(conn)
             return [int(await read()) for _ in taken]
         except BaseException:
-            self._conn = None
+            self._conn = self._read_reply = None
             await conn.disconnect()  # replies may be left unread: never reuse it
             await self._redis.connection_pool.release(conn)
             raise
