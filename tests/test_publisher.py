@@ -175,3 +175,42 @@ def test_a_script_cache_flushed_under_the_publisher_is_loaded_again(
     finally:
         r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
         r.close()
+
+
+@pytest.mark.parametrize("parser", ["hiredis", "python"])
+def test_the_reply_reader_takes_a_pipelines_replies_in_order_and_raises_an_error_reply(
+    redis_target: RedisTarget, parser: str
+) -> None:
+    """Both of redis-py's parsers: the replies of one write, then an error among them."""
+    from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+    from redis.exceptions import ResponseError
+
+    from worker.publisher import _reply_reader
+
+    parser_class = _AsyncHiredisParser if parser == "hiredis" else _AsyncRESP2Parser
+    key = f"actorq-test:replies:{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        pool = redis.asyncio.ConnectionPool.from_url(redis_target.url, parser_class=parser_class)
+        conn = await pool.get_connection()
+        try:
+            read = _reply_reader(conn)
+            # Many replies to one write, more than fit one socket read of small ones.
+            await conn.send_packed_command(
+                conn.pack_commands([("INCR", key)] * 2000), check_health=False
+            )
+            assert await read(2000) == list(range(1, 2001))
+            await conn.send_packed_command(
+                conn.pack_commands([("INCR", key), ("HGET", key, "f"), ("INCR", key)]),
+                check_health=False,
+            )
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await read(3)
+        finally:
+            await conn.disconnect()
+            await pool.disconnect()
+            r = redis_target.client()
+            r.delete(key)
+            r.close()
+
+    asyncio.run(main())
