@@ -8,6 +8,10 @@ thread that takes messages in. A ``redis.Redis`` is safe to share between
 threads (each command takes a connection from the pool), so each channel keeps
 one.
 
+The unacked bookkeeping of a delivered message and its ack are each one script
+call rather than a MULTI/EXEC pipeline of four commands: the same keys and
+values, just as atomic, for less of the intake thread's CPU per job.
+
 :func:`install` makes it the transport of ``redis://`` URLs (``celeryconfig``
 calls it), so whatever broker URL an app is given later picks its transport by
 scheme as before. ``rediss://`` keeps kombu's own, with its TLS defaults.
@@ -15,18 +19,80 @@ scheme as before. ``rediss://`` keeps kombu's own, with its TLS defaults.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import kombu.transport
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
+from kombu.utils.json import dumps
 
-__all__ = ["REDIS_TRANSPORT", "Channel", "Transport", "install"]
+__all__ = ["REDIS_TRANSPORT", "Channel", "QoS", "Transport", "install"]
 
 #: This transport, as kombu names transports.
 REDIS_TRANSPORT = "producer.broker:Transport"
 
+# KEYS: unacked index (zset), unacked (hash). ARGV: delivery tag, time, message.
+_APPEND = """
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+return 1
+"""
+# KEYS: as above. ARGV: delivery tag.
+_REMOVE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"""
+
+
+class QoS(kombu_redis.QoS):
+    """kombu's unacked bookkeeping, each step one script call on the channel's client.
+
+    With a ``global_keyprefix`` kombu's own pipelines run: its prefixing client
+    would prefix only the first key of a script call.
+    """
+
+    def append(self, message: Any, delivery_tag: str) -> None:
+        if self.channel.global_keyprefix:
+            return super().append(message, delivery_tag)
+        delivery = message.delivery_info
+        raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
+        self._script("append", _APPEND)(
+            [self.unacked_index_key, self.unacked_key], [delivery_tag, time.time(), raw]
+        )
+        virtual.QoS.append(self, message, delivery_tag)
+
+    def ack(self, delivery_tag: str) -> None:
+        if self.channel.global_keyprefix:
+            return super().ack(delivery_tag)
+        self._remove(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if requeue or self.channel.global_keyprefix:
+            return super().reject(delivery_tag, requeue)
+        self._remove(delivery_tag)
+        virtual.QoS.ack(self, delivery_tag)
+
+    def _remove(self, delivery_tag: str) -> None:
+        self._script("remove", _REMOVE)([self.unacked_index_key, self.unacked_key], [delivery_tag])
+
+    def _script(self, name: str, source: str) -> Any:
+        """A script object (EVALSHA, loaded again after a flush) on the channel's sync client.
+
+        Not ``channel.client``: that one holds the connection of the pending ``BRPOP``.
+        """
+        client = self.channel._create_client()
+        scripts: dict[str, Any] = self.__dict__.setdefault("_scripts", {})
+        script = scripts.get(name)
+        if script is None or script.registered_client is not client:
+            script = scripts[name] = client.register_script(source)
+        return script
+
 
 class Channel(kombu_redis.Channel):
+    QoS = QoS
     _shared_client: Any = None
 
     def _create_client(self, asynchronous: bool = False) -> Any:

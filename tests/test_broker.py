@@ -9,7 +9,7 @@ from kombu import Connection
 
 import celeryconfig  # noqa: F401  (installs the transport, as every actorq app does)
 from producer import Client, Settings
-from producer.broker import Channel, Transport
+from producer.broker import Channel, QoS, Transport
 from producer.client import celery_app
 from tests.conftest import RedisTarget
 from tests.helpers import queue_length, scripted
@@ -46,6 +46,46 @@ def test_messages_round_trip_and_the_channel_keeps_one_client(redis_target: Redi
         assert r.llen(queue) == 0
         r.delete(queue)
     finally:
+        r.close()
+
+
+def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
+    redis_target: RedisTarget,
+) -> None:
+    """The script-call bookkeeping keeps kombu's layout: its own restore finds the message."""
+    if not redis_target.url.startswith("redis://"):
+        pytest.skip("the shared-client transport serves redis:// URLs")
+    queue = f"actorq-test-broker-{uuid.uuid4().hex[:8]}"
+    r = redis_target.client()
+
+    def tracked(tag: str) -> tuple[bool, bool]:
+        return r.zscore("unacked_index", tag) is not None, r.hexists("unacked", tag)
+
+    try:
+        with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
+            for n in ("acked", "rejected", "restored"):
+                q.put({"n": n})
+            acked = q.get(timeout=5)
+            assert tracked(acked.delivery_tag) == (True, True)
+            acked.ack()
+            assert tracked(acked.delivery_tag) == (False, False)
+            qos = q.channel.qos
+            assert isinstance(qos, QoS) and set(qos.__dict__["_scripts"]) == {"append", "remove"}
+            rejected = q.get(timeout=5)
+            assert tracked(rejected.delivery_tag) == (True, True)
+            rejected.reject()
+            assert tracked(rejected.delivery_tag) == (False, False)
+            left = q.get(timeout=5)  # never acked: the channel's close restores it
+            assert left.payload == {"n": "restored"}
+            assert tracked(left.delivery_tag) == (True, True)
+        assert tracked(left.delivery_tag) == (False, False)
+        with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
+            again = q.get(timeout=5)
+            assert again.payload == {"n": "restored"}
+            again.ack()
+            assert tracked(again.delivery_tag) == (False, False)
+    finally:
+        r.delete(queue)
         r.close()
 
 
