@@ -68,11 +68,17 @@ def _forget_jobs_since(r: redis.Redis, since: float) -> None:
 
 
 def _forget_queue_bindings(r: redis.Redis, before: set[bytes]) -> None:
-    """Delete the kombu bindings of the queues the tests made (kombu's shared keys stay)."""
+    """Delete the kombu bindings of the queues the tests made (kombu's shared keys stay),
+    and the messages that workers the tests killed left unacked on them."""
+    from tests.helpers import forget_unacked
+
+    queues = set()
     for key in r.scan_iter(match="_kombu.binding*", count=1000):
         queue = key.decode().rpartition(".")[2]
         if key not in before and queue.startswith(("actorq-", "cli-worker-")):
             r.delete(key)
+            queues.add(queue)
+    forget_unacked(r, *queues)
     r.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import redis
@@ -19,3 +20,20 @@ def actorq_keys(r: redis.Redis) -> set[bytes]:
 
 def queue_length(r: redis.Redis, queue: str) -> int:
     return int(r.llen(queue))
+
+
+def unacked_tags(r: redis.Redis, *queues: str) -> list[bytes]:
+    """Delivery tags kombu's Redis transport holds unacked for any of ``queues``.
+
+    The transport keeps one ``unacked`` hash for every queue of the database; each
+    value is ``[message, exchange, routing_key]``.
+    """
+    return [tag for tag, value in r.hgetall("unacked").items() if json.loads(value)[-1] in queues]
+
+
+def forget_unacked(r: redis.Redis, *queues: str) -> None:
+    """Drop the unacked messages of ``queues`` (left by killed workers) from kombu's indices."""
+    tags = unacked_tags(r, *queues)
+    if tags:
+        r.hdel("unacked", *tags)
+        r.zrem("unacked_index", *tags)

@@ -16,7 +16,7 @@ import pytest
 from ops.stack import EmbeddedRedis, WorkerProcess, free_port
 from producer import CancelOutcome, Client, JobStatus, Settings, final_text
 from tests.conftest import WorkerFactory
-from tests.helpers import scripted
+from tests.helpers import forget_unacked, scripted
 from tests.reliab_support import (
     check_one_ending,
     check_restarted_once,
@@ -87,6 +87,9 @@ def kill_env(stack_env: dict[str, str]) -> Iterator[dict[str, str]]:
     yield env
     c = Client(Settings.from_env(env))
     c.redis.delete(env["ACTORQ_QUEUE"])
+    # The killed workers' messages stay unacked in kombu's shared indices: a live
+    # worker's restore would otherwise push them back to this queue later.
+    forget_unacked(c.redis, env["ACTORQ_QUEUE"])
     c.close()
 
 

@@ -41,7 +41,7 @@ def metered(
 ) -> Iterator[tuple[WorkerProcess, int, Client]]:
     """A worker on its own queue with metrics (multiprocess mode) and JSON logs."""
     port = free_port()
-    queue = f"metrics-{uuid.uuid4().hex[:8]}"
+    queue = f"actorq-metrics-{uuid.uuid4().hex[:8]}"
     multiproc = tmp_path_factory.mktemp("prom")
     env = {
         "ACTORQ_QUEUE": queue,

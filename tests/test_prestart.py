@@ -32,7 +32,7 @@ def test_prestart_starts_every_thread_and_leaves_them_idle() -> None:
 def test_a_worker_has_its_threads_before_its_first_job(
     stack_env: dict[str, str], start_worker: WorkerFactory
 ) -> None:
-    env = {**stack_env, "ACTORQ_QUEUE": f"prestart-{uuid.uuid4().hex[:8]}"}
+    env = {**stack_env, "ACTORQ_QUEUE": f"actorq-prestart-{uuid.uuid4().hex[:8]}"}
     worker = start_worker(f"prestart-{uuid.uuid4().hex[:6]}", concurrency=24, env=env)
     app = celery_app("actorq-inspect", Settings.from_env(env))
     try:

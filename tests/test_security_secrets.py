@@ -55,7 +55,7 @@ def private_stack(
     stack_env: dict[str, str], start_worker: WorkerFactory
 ) -> Iterator[tuple[dict[str, str], Client, Callable[[str], WorkerProcess]]]:
     """A queue of this test's own, short leases, and a way to start workers on it."""
-    env = {**stack_env, "ACTORQ_QUEUE": f"sec-{uuid.uuid4().hex[:8]}", "ACTORQ_LEASE_TTL_S": "3"}
+    env = {**stack_env, "ACTORQ_QUEUE": f"actorq-sec-{uuid.uuid4().hex[:8]}", "ACTORQ_LEASE_TTL_S": "3"}
     client = Client(Settings.from_env(env))
 
     def worker(name: str) -> WorkerProcess:
@@ -213,7 +213,7 @@ def test_key_rotation_with_real_workers(
     """A worker holding "new,old" runs jobs enqueued with "old" and with "new"; a worker
     holding only "new" ends an "old" job failed with a clear error, and keeps serving."""
     old, new = generate_key(), generate_key()
-    queue = f"rot-{uuid.uuid4().hex[:8]}"
+    queue = f"actorq-rot-{uuid.uuid4().hex[:8]}"
     base = {**stack_env, "ACTORQ_QUEUE": queue}
     model = openai_server.script(f"rot-{uuid.uuid4().hex[:6]}", Reply(text="rotated ok"))
     config = openai_config(openai_server, model)

@@ -22,7 +22,7 @@ from producer import Client, JobStatus, Settings, keys, scripts
 from producer.crypto import encrypt_credentials
 from producer.schema import SCHEMA_VERSION, TASK_NAME
 from tests.conftest import RedisTarget, WorkerFactory
-from tests.helpers import scripted
+from tests.helpers import scripted, unacked_tags
 
 
 class Garbage:
@@ -34,6 +34,7 @@ class Garbage:
         self.worker = worker
         self.client = Client(Settings.from_env(env))
         self.r = redis_target.client()
+        self.records: list[str] = []  # written here, not enqueued: no index lists them
 
     def record(self, payload: str | bytes) -> str:
         """Write a job record holding ``payload``, as the producer would, without a message."""
@@ -42,6 +43,7 @@ class Garbage:
             scripts.CREATE, 4, *scripts.job_keys(job_id), payload, "junk", f"{time.time():.6f}", 600
         )
         assert created == 1
+        self.records.append(job_id)
         return job_id
 
     def send(self, args: Any, kwargs: Any) -> None:
@@ -96,8 +98,7 @@ class Garbage:
 
     def _unacked(self) -> int:
         """Unacked messages of this queue (the Redis transport keeps one hash for all queues)."""
-        entries = self.r.hvals("unacked")
-        return sum(1 for e in entries if json.loads(e)[-1] == self.queue)
+        return len(unacked_tags(self.r, self.queue))
 
     def log(self) -> str:
         assert self.worker.log_path is not None
@@ -108,12 +109,17 @@ class Garbage:
 def garbage(
     stack_env: dict[str, str], start_worker: WorkerFactory, redis_target: RedisTarget
 ) -> Iterator[Garbage]:
-    env = {**stack_env, "ACTORQ_QUEUE": f"junk-{uuid.uuid4().hex[:8]}"}
+    # An actorq- queue: the session's clean-up of a shared Redis drops its bindings.
+    env = {**stack_env, "ACTORQ_QUEUE": f"actorq-junk-{uuid.uuid4().hex[:8]}"}
     worker = start_worker(f"junk-{uuid.uuid4().hex[:6]}", concurrency=4, env=env)
     g = Garbage(env, worker, redis_target)
     yield g
     g.client.close()
     worker.stop()
+    for job_id in g.records:
+        g.r.delete(*scripts.job_keys(job_id))
+    g.r.delete(g.queue)
+    g.r.close()
 
 
 # -- stored payloads -------------------------------------------------------------------
