@@ -1,0 +1,42 @@
+"""The worker's shared loop: uvloop unless ACTORQ_UVLOOP=0, and jobs handed to it from threads."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from worker import loop as worker_loop
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="uvloop is not installed on Windows")
+def test_the_loop_is_uvloop_by_default_and_asyncio_when_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvloop
+
+    monkeypatch.delenv("ACTORQ_UVLOOP", raising=False)
+    default = worker_loop._new_loop()
+    monkeypatch.setenv("ACTORQ_UVLOOP", "0")
+    plain = worker_loop._new_loop()
+    try:
+        assert isinstance(default, uvloop.Loop)
+        assert not isinstance(plain, uvloop.Loop)
+        assert isinstance(plain, asyncio.AbstractEventLoop)
+    finally:
+        default.close()
+        plain.close()
+
+
+def test_coroutines_from_many_threads_run_on_the_one_loop_thread() -> None:
+    async def where(i: int) -> tuple[int, str]:
+        await asyncio.sleep(0.001)
+        return i, threading.current_thread().name
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(lambda i: worker_loop.run_on_loop(where(i)), range(200)))
+    assert [i for i, _ in got] == list(range(200))
+    assert {name for _, name in got} == {"actorq-loop"}
