@@ -183,6 +183,7 @@ def test_the_reply_reader_takes_a_pipelines_replies_in_order_and_raises_an_error
 ) -> None:
     """Both of redis-py's parsers: the replies of one write, then an error among them."""
     from redis._parsers import _AsyncHiredisParser, _AsyncRESP2Parser
+    from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import ResponseError
 
     from worker.publisher import _reply_reader
@@ -206,6 +207,9 @@ def test_the_reply_reader_takes_a_pipelines_replies_in_order_and_raises_an_error
             )
             with pytest.raises(ResponseError, match="WRONGTYPE"):
                 await read(3)
+            await conn.disconnect()
+            with pytest.raises(RedisConnectionError):  # not a wait for bytes that never come
+                await asyncio.wait_for(read(1), 5)
         finally:
             await conn.disconnect()
             await pool.disconnect()

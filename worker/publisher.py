@@ -22,6 +22,7 @@ from json.encoder import encode_basestring
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 
 from producer import keys, scripts
@@ -266,7 +267,7 @@ def _reply_reader(conn: Any) -> Callable[[int], Awaitable[list[Any]]]:
     parsing it. Errors still disconnect: the caller drops the connection on any
     exception.
     """
-    parser = getattr(conn, "_parser", None)
+    parser: Any = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
     fill = getattr(parser, "read_from_socket", None)
     if reader is None or fill is None or not hasattr(reader, "gets"):
@@ -282,12 +283,16 @@ def _reply_reader(conn: Any) -> Callable[[int], Awaitable[list[Any]]]:
 
         return read_each
 
-    gets = reader.gets
     # What hiredis answers while a reply is incomplete: redis-py's sentinel (False
     # in older releases).
     pending = getattr(sys.modules.get(type(parser).__module__), "NOT_ENOUGH_DATA", False)
 
     async def read(n: int) -> list[Any]:
+        # Looked up per call: a reconnect gives the parser a new reader.
+        hiredis_reader = parser._reader
+        if hiredis_reader is None or not getattr(parser, "_connected", True):
+            raise RedisConnectionError("the publisher's Redis connection is closed")
+        gets = hiredis_reader.gets
         replies: list[Any] = []
         while len(replies) < n:
             reply = gets()
