@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -40,3 +41,30 @@ def test_coroutines_from_many_threads_run_on_the_one_loop_thread() -> None:
         got = list(pool.map(lambda i: worker_loop.run_on_loop(where(i)), range(200)))
     assert [i for i, _ in got] == list(range(200))
     assert {name for _, name in got} == {"actorq-loop"}
+
+
+def test_the_loop_watch_counts_its_threads_cpu_and_how_late_it_ran() -> None:
+    from prometheus_client import REGISTRY
+
+    from worker import metrics
+
+    def sample(name: str) -> float:
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    names = ("actorq_loop_cpu_seconds_total", "actorq_loop_lag_seconds_sum",
+             "actorq_loop_lag_seconds_count")  # fmt: skip
+    before = {n: sample(n) for n in names}
+
+    async def main() -> None:
+        metrics.watch_loop(period_s=0.02)
+        await asyncio.sleep(0.05)
+        spin_until = time.thread_time() + 0.15  # the loop's thread busy for 0.15 s of CPU
+        while time.thread_time() < spin_until:
+            pass
+        await asyncio.sleep(0.1)
+
+    asyncio.run(main())
+    got = {n: sample(n) - before[n] for n in names}
+    assert got["actorq_loop_cpu_seconds_total"] >= 0.14
+    assert got["actorq_loop_lag_seconds_sum"] >= 0.1  # the tick due during the spin came late
+    assert got["actorq_loop_lag_seconds_count"] >= 4

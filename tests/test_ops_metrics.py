@@ -98,6 +98,9 @@ def test_metrics_count_what_the_worker_did(metered: tuple[WorkerProcess, int, Cl
     assert value(delta, "actorq_time_to_first_token_seconds_count") == 4
     assert value(delta, "actorq_job_duration_seconds_count", status="succeeded") == 3
     assert value(delta, "actorq_publish_lag_seconds_count") >= 1
+    # The shared loop ran the jobs: its thread's CPU and its lag are sampled.
+    assert value(delta, "actorq_loop_cpu_seconds_total") > 0
+    assert value(delta, "actorq_loop_lag_seconds_count") >= 1
     assert value(after, "actorq_streams_in_flight") == 0
     for name in ("actorq_provider_retries_total", "actorq_redeliveries_total"):
         assert (name, ()) in after  # exported even while zero

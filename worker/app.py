@@ -83,6 +83,12 @@ def _start_supervisor(**_: object) -> None:
     get_loop().call_soon_threadsafe(supervisor.start)
 
 
+@worker_ready.connect
+def _watch_loop(**_: object) -> None:
+    """Export the shared loop's lag and CPU, the process's limit on streams."""
+    get_loop().call_soon_threadsafe(metrics.watch_loop)
+
+
 def get_runner() -> JobRunner:
     """The process's job runner; built lazily so importing the app stays cheap."""
     global _runner

@@ -13,8 +13,10 @@ well under a microsecond or is made once per job or per pipeline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -25,6 +27,8 @@ __all__ = [
     "IN_FLIGHT",
     "JOBS",
     "JOB_DURATION",
+    "LOOP_CPU",
+    "LOOP_LAG",
     "PUBLISH_LAG",
     "REDELIVERIES",
     "RESETS",
@@ -41,6 +45,7 @@ __all__ = [
     "provider_retry",
     "published",
     "serve",
+    "watch_loop",
 ]
 
 log = logging.getLogger("actorq.metrics")
@@ -92,6 +97,18 @@ RESETS = Counter(
     ["reason"],
 )
 CANCELS = Counter("actorq_cancels_total", "Running jobs this worker stopped on request.")
+LOOP_CPU = Counter(
+    "actorq_loop_cpu_seconds_total",
+    "CPU time of the process's shared event-loop thread (near 1 a second: it holds a core).",
+)
+LOOP_LAG = Histogram(
+    "actorq_loop_lag_seconds",
+    "How late the shared event loop ran a callback due at a fixed time: every token waits as long.",
+    buckets=_LAG_BUCKETS,
+)
+
+#: How often the loop's lag and CPU are sampled: a callback four times a second.
+LOOP_WATCH_S = 0.25
 
 
 def job_claimed(attempt: int) -> None:
@@ -142,6 +159,29 @@ def published(kinds: Sequence[str]) -> None:
             EVENTS.labels(kind).inc()
             if kind == "reset":
                 RESETS.labels("retry").inc()
+
+
+def watch_loop(period_s: float = LOOP_WATCH_S) -> None:
+    """Sample the running loop's lag and its thread's CPU every ``period_s``; call on the loop.
+
+    One process carries all its streams on this one thread, so the loop, not the
+    process, is what saturates: its CPU near one second a second, or a lag of
+    milliseconds, says the process can take no more streams.
+    """
+    loop = asyncio.get_running_loop()
+    last_cpu = time.thread_time()
+
+    def tick(due: float) -> None:
+        nonlocal last_cpu
+        now = loop.time()
+        LOOP_LAG.observe(max(0.0, now - due))
+        cpu = time.thread_time()
+        LOOP_CPU.inc(max(0.0, cpu - last_cpu))
+        last_cpu = cpu
+        loop.call_at(now + period_s, tick, now + period_s)
+
+    start = loop.time() + period_s
+    loop.call_at(start, tick, start)
 
 
 def process_exited(pid: int | None = None) -> None:
