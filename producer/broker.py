@@ -53,6 +53,10 @@ class QoS(kombu_redis.QoS):
     would prefix only the first key of a script call.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._scripts: dict[str, Any] = {}  # by name, on the channel's sync client
+
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.global_keyprefix:
             return super().append(message, delivery_tag)
@@ -84,10 +88,9 @@ class QoS(kombu_redis.QoS):
         Not ``channel.client``: that one holds the connection of the pending ``BRPOP``.
         """
         client = self.channel._create_client()
-        scripts: dict[str, Any] = self.__dict__.setdefault("_scripts", {})
-        script = scripts.get(name)
+        script = self._scripts.get(name)
         if script is None or script.registered_client is not client:
-            script = scripts[name] = client.register_script(source)
+            script = self._scripts[name] = client.register_script(source)
         return script
 
 

@@ -41,7 +41,7 @@ def redis_target() -> Iterator[RedisTarget]:
         bindings_before = set(target.client().scan_iter(match="_kombu.binding*", count=1000))
         yield target
         _forget_jobs_since(target.client(), started)
-        _forget_queue_bindings(target.client(), bindings_before)
+        _forget_test_queues(target.client(), bindings_before)
         return
     server = EmbeddedRedis().start()
     try:
@@ -67,7 +67,7 @@ def _forget_jobs_since(r: redis.Redis, since: float) -> None:
     r.close()
 
 
-def _forget_queue_bindings(r: redis.Redis, before: set[bytes]) -> None:
+def _forget_test_queues(r: redis.Redis, before: set[bytes]) -> None:
     """Delete the kombu bindings of the queues the tests made (kombu's shared keys stay),
     and the messages that workers the tests killed left unacked on them."""
     from tests.helpers import forget_unacked

@@ -22,18 +22,22 @@ def queue_length(r: redis.Redis, queue: str) -> int:
     return int(r.llen(queue))
 
 
+#: The keys of kombu's Redis transport holding unacked messages, for every queue.
+UNACKED, UNACKED_INDEX = "unacked", "unacked_index"
+
+
 def unacked_tags(r: redis.Redis, *queues: str) -> list[bytes]:
     """Delivery tags kombu's Redis transport holds unacked for any of ``queues``.
 
     The transport keeps one ``unacked`` hash for every queue of the database; each
     value is ``[message, exchange, routing_key]``.
     """
-    return [tag for tag, value in r.hgetall("unacked").items() if json.loads(value)[-1] in queues]
+    return [tag for tag, value in r.hgetall(UNACKED).items() if json.loads(value)[-1] in queues]
 
 
 def forget_unacked(r: redis.Redis, *queues: str) -> None:
     """Drop the unacked messages of ``queues`` (left by killed workers) from kombu's indices."""
     tags = unacked_tags(r, *queues)
     if tags:
-        r.hdel("unacked", *tags)
-        r.zrem("unacked_index", *tags)
+        r.hdel(UNACKED, *tags)
+        r.zrem(UNACKED_INDEX, *tags)

@@ -12,7 +12,7 @@ from producer import Client, Settings
 from producer.broker import Channel, QoS, Transport
 from producer.client import celery_app
 from tests.conftest import RedisTarget
-from tests.helpers import queue_length, scripted
+from tests.helpers import UNACKED, UNACKED_INDEX, queue_length, scripted
 
 
 def test_redis_urls_get_the_shared_client_transport() -> None:
@@ -59,7 +59,7 @@ def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
     r = redis_target.client()
 
     def tracked(tag: str) -> tuple[bool, bool]:
-        return r.zscore("unacked_index", tag) is not None, r.hexists("unacked", tag)
+        return r.zscore(UNACKED_INDEX, tag) is not None, r.hexists(UNACKED, tag)
 
     try:
         with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
@@ -70,7 +70,7 @@ def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
             acked.ack()
             assert tracked(acked.delivery_tag) == (False, False)
             qos = q.channel.qos
-            assert isinstance(qos, QoS) and set(qos.__dict__["_scripts"]) == {"append", "remove"}
+            assert isinstance(qos, QoS) and set(qos._scripts) == {"append", "remove"}
             rejected = q.get(timeout=5)
             assert tracked(rejected.delivery_tag) == (True, True)
             rejected.reject()
