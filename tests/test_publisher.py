@@ -10,12 +10,14 @@ import uuid
 import pytest
 import redis.asyncio
 import redis.asyncio.connection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from producer import Client, Settings, keys
 from tests.conftest import RedisTarget
 from tests.helpers import scripted
 from worker.jobs import JobRunner
-from worker.publisher import Publisher
+from worker.publisher import Publisher, _encode_arg
 
 
 def test_an_unencodable_token_loses_nothing_of_its_own_job_or_its_pipeline_neighbours(
@@ -127,8 +129,15 @@ def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
             proxy.freeze_open_connections()
             t0 = time.monotonic()
             pub.publish(ch, ["type", "token", "text", "B", "node", "n"])
+            cut = pub.run_script("return ARGV[1]", [], ["cut"])  # in the same pipeline as B
             await asyncio.wait_for(pub.drain(ch), 10)
-            return time.monotonic() - t0
+            took = time.monotonic() - t0
+            # The call's reply was lost with the connection: its caller hears so, and
+            # decides (a script may have run); the next call goes through.
+            with pytest.raises(RedisConnectionError):
+                await asyncio.wait_for(cut, 10)
+            assert await asyncio.wait_for(pub.run_script("return ARGV[1]", [], ["ok"]), 10) == b"ok"
+            return took
         finally:
             await client.aclose()
             await proxy.close()
@@ -162,9 +171,15 @@ def test_a_script_cache_flushed_under_the_publisher_is_loaded_again(
         try:
             pub.publish(ch, ["type", "token", "text", "A", "node", "n"])
             await asyncio.wait_for(pub.drain(ch), 10)
+            assert await pub.run_script("return ARGV[1]", [], ["before"]) == b"before"
+            await client.script_flush()
+            # A call alone in its pipeline meets NOSCRIPT first, then the entries do.
+            assert await asyncio.wait_for(pub.run_script("return ARGV[1]", [], ["x"]), 10) == b"x"
             await client.script_flush()
             pub.publish(ch, ["type", "token", "text", "B", "node", "n"])
+            after = pub.run_script("return ARGV[1]", [], ["after"])
             await asyncio.wait_for(pub.drain(ch), 10)
+            assert await asyncio.wait_for(after, 10) == b"after"
         finally:
             await client.aclose()
 
@@ -178,7 +193,7 @@ def test_a_script_cache_flushed_under_the_publisher_is_loaded_again(
 
 
 @pytest.mark.parametrize("parser", ["hiredis", "python"])
-def test_the_reply_reader_takes_a_pipelines_replies_in_order_and_raises_an_error_reply(
+def test_the_reply_reader_takes_a_pipelines_replies_in_order_with_an_error_in_its_place(
     redis_target: RedisTarget, parser: str
 ) -> None:
     """Both of redis-py's parsers: the replies of one write, then an error among them."""
@@ -205,8 +220,12 @@ def test_the_reply_reader_takes_a_pipelines_replies_in_order_and_raises_an_error
                 conn.pack_commands([("INCR", key), ("HGET", key, "f"), ("INCR", key)]),
                 check_health=False,
             )
-            with pytest.raises(ResponseError, match="WRONGTYPE"):
-                await read(3)
+            first, error, last = await read(3)
+            assert (first, last) == (2001, 2002)  # the replies after the error are read too
+            assert isinstance(error, ResponseError) and "WRONGTYPE" in str(error)
+            # ...so the connection is still in step: the next write's reply is its own.
+            await conn.send_packed_command(conn.pack_command("INCR", key), check_health=False)
+            assert await read(1) == [2003]
             await conn.disconnect()
             with pytest.raises(RedisConnectionError):  # not a wait for bytes that never come
                 await asyncio.wait_for(read(1), 5)
@@ -218,3 +237,49 @@ def test_the_reply_reader_takes_a_pipelines_replies_in_order_and_raises_an_error
             r.close()
 
     asyncio.run(main())
+
+
+def test_script_calls_share_a_pipeline_with_entries_and_an_error_stays_with_its_call(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """Claims and endings ride the token pipelines: each call gets its own reply or error."""
+    job = f"pub-calls-{uuid.uuid4().hex[:8]}"
+    key = f"actorq-test:calls:{uuid.uuid4().hex[:8]}"
+    r = redis_target.client()
+    r.set(keys.lease_key(job), "owner", ex=60)
+
+    async def main() -> list[object]:
+        client = redis.asyncio.Redis.from_url(redis_target.url, socket_timeout=5)
+        pub = Publisher(client, Settings.from_env(stack_env))
+        ch = pub.open(job, "owner")
+        try:
+            # All queued before the loop runs again: one pipeline carries them all.
+            pub.publish(ch, ["type", "token", "text", "A", "node", "n"])
+            calls = [
+                pub.run_script("return redis.call('INCRBY', KEYS[1], ARGV[1])", [key], [5]),
+                pub.run_script("return redis.error_reply('refused by the script')", [], []),
+                pub.run_script("return {ARGV[1], ARGV[2], ARGV[3]}", [], ["é", b"\x00b", 1.5]),
+            ]
+            pub.publish(ch, ["type", "token", "text", "B", "node", "n"])
+            out = await asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.wait_for(pub.drain(ch), 10)
+            return out
+        finally:
+            await client.aclose()
+
+    try:
+        incr, refused, echoed = asyncio.run(main())
+        assert incr == 5
+        assert isinstance(refused, ResponseError) and "refused by the script" in str(refused)
+        assert echoed == ["é".encode(), b"\x00b", b"1.5"]
+        entries = r.xrange(keys.events_key(job))
+        assert [f[b"text"] for _, f in entries] == [b"A", b"B"]
+    finally:
+        r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job), key)
+        r.close()
+
+
+@pytest.mark.parametrize("bad", [True, None, 1j, ["a"]])
+def test_a_script_argument_of_another_type_is_refused_by_name(bad: object) -> None:
+    with pytest.raises(TypeError, match="script argument must be str, bytes, int or float"):
+        _encode_arg(bad)  # type: ignore[arg-type]

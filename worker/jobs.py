@@ -73,9 +73,6 @@ class JobRunner:
             **settings.redis_options,
         )
         self.redis = aioredis.Redis(connection_pool=pool)
-        # EVALSHA rather than EVAL: the scripts are sent and hashed once, not per job.
-        self._claim_script = self.redis.register_script(scripts.CLAIM)
-        self._finish_script = self.redis.register_script(scripts.FINISH)
         # The records CLAIM writes for a job it ends itself: constant, so built once.
         self._claim_endings = (
             ActorResult(finish_reason="cancelled").to_json(),
@@ -176,7 +173,9 @@ class JobRunner:
         delay = 0.2
         while True:
             try:
-                claim: list[bytes] = await self._claim_script(
+                # In the publisher's next pipeline: one round trip shared with other jobs.
+                claim: list[bytes] = await self.publisher.run_script(
+                    scripts.CLAIM,
                     scripts.running_job_keys(job_id),
                     [
                         owner,
@@ -321,9 +320,11 @@ class JobRunner:
         err = scrub(error or "", secrets)[:2000]
         if result.error:
             result = result.model_copy(update={"error": scrub(result.error, secrets)[:2000]})
-        for delay in (0.1, 0.5, 1, 2, 4, 8):
+        # About 40 s of retries: long enough for a Redis restart or a failover.
+        for delay in (0.1, 0.5, 1, 2, 4, 8, 8, 8, 8):
             try:
-                done = await self._finish_script(
+                done = await self.publisher.run_script(
+                    scripts.FINISH,
                     scripts.running_job_keys(job_id),
                     [
                         owner,

@@ -5,12 +5,17 @@ from every job of the process collect and go out in the next pipeline, one
 fenced ``PUBLISH`` script call per job, one stream entry per token. So latency
 stays one round trip when idle, and throughput grows with load instead of
 queueing behind one round trip per token.
+
+A job's claim and its ending ride the same pipelines (:meth:`Publisher.run_script`):
+a burst of jobs starting or ending shares round trips with the tokens in flight,
+and none of them pays redis-py's per-command packing, retry and timeout wrappers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -23,7 +28,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from producer import keys, scripts
 from producer.resp import bulk
@@ -31,7 +36,10 @@ from producer.settings import Settings
 
 from . import metrics
 
-__all__ = ["JobChannel", "Publisher"]
+__all__ = ["JobChannel", "Publisher", "ScriptArg"]
+
+#: What :meth:`Publisher.run_script` sends as a key or argument (encoded as redis-py would).
+ScriptArg = str | bytes | int | float
 
 log = logging.getLogger("actorq.publisher")
 
@@ -60,6 +68,25 @@ class JobChannel:
         return self.lost or self.capped
 
 
+@dataclass(eq=False)
+class _ScriptCall:
+    """A script call waiting for a pipeline: its source, its packed EVALSHA and its reply."""
+
+    source: str
+    command: bytes
+    reply: asyncio.Future[Any]
+
+
+def _encode_arg(value: ScriptArg) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"a script argument must be str, bytes, int or float, not {value!r}")
+    return repr(value).encode()
+
+
 class Publisher:
     """Writes stream entries for all jobs of a process; lives on the shared loop."""
 
@@ -71,6 +98,9 @@ class Publisher:
         self._read_reply: Callable[[int], Awaitable[list[Any]]] | None = None  # _conn's reader
         self._head = b""
         self._dirty: dict[JobChannel, None] = {}
+        self._calls: list[_ScriptCall] = []
+        self._loaded: set[str] = set()  # sources of the call scripts the server has loaded
+        self._shas: dict[str, bytes] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._dirty_since = 0.0  # when the oldest unsent entry was queued (publish lag)
         # Benchmarks only: stamp each token entry with the time the model yielded it
@@ -107,6 +137,36 @@ class Publisher:
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
+    def run_script(
+        self, source: str, keys: Sequence[str], args: Sequence[ScriptArg]
+    ) -> asyncio.Future[Any]:
+        """Run a Lua script in the next pipeline; the future holds its reply.
+
+        An error reply is the future's exception (a ``NOSCRIPT`` is handled here:
+        the script is loaded and the call sent again). If the pipeline fails on
+        its way (the connection drops, Redis is away), the future gets that error
+        and the call is not sent again: the caller decides, as a script may have
+        run before its reply was lost.
+        """
+        sha = self._shas.get(source)
+        if sha is None:
+            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest().encode()
+        words = [*keys, *args]
+        command = b"".join(
+            [
+                b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(words) + 3),
+                bulk(sha),
+                bulk(b"%d" % len(keys)),
+                *(bulk(_encode_arg(w)) for w in words),
+            ]
+        )
+        loop = asyncio.get_running_loop()
+        call = _ScriptCall(source, command, loop.create_future())
+        self._calls.append(call)
+        if self._flusher is None:
+            self._flusher = loop.create_task(self._flush())
+        return call.reply
+
     async def drain(self, channel: JobChannel) -> None:
         """Wait until every entry queued for ``channel`` is written (or can't be)."""
         if not channel.unwritten:
@@ -137,19 +197,22 @@ class Publisher:
             loop = asyncio.get_running_loop()
             if self._watchdog is None and self._reply_timeout is not None:
                 self._watchdog = loop.call_later(self._reply_timeout / 4, self._watch)
-            while self._dirty:
+            while self._dirty or self._calls:
                 wait = self._last_send + self._interval - loop.time()
                 if wait > 0:
                     await asyncio.sleep(wait)
                 self._last_send = loop.time()
                 batch = list(self._dirty)
                 self._dirty.clear()
+                # A call whose caller stopped waiting is not sent.
+                calls = [call for call in self._calls if not call.reply.done()]
+                self._calls = []
                 since, self._dirty_since = self._dirty_since, time.monotonic()
                 taken = [(ch, ch.pending, ch.kinds, ch.next_seq) for ch in batch]
                 for ch in batch:
                     ch.pending, ch.kinds = [], []
                 try:
-                    results = await self._send(taken)
+                    results = await self._send(taken, calls)
                 except Exception as exc:
                     # Whatever failed (a connection, a failover's READONLY, an OOM), put
                     # the batch back in front and retry: entries are never dropped, and
@@ -158,8 +221,11 @@ class Publisher:
                         ch.pending = entries + ch.pending
                         ch.kinds = kinds + ch.kinds
                         self._dirty[ch] = None
+                    for call in calls:  # those that got no reply (nor a NOSCRIPT) before it failed
+                        if not call.reply.done() and call not in self._calls:
+                            call.reply.set_exception(exc)
                     if isinstance(exc, NoScriptError):
-                        self._sha = None  # the server restarted: load the script again
+                        self._forget_scripts()  # the server restarted: load them again
                         continue
                     log.warning("publish failed (%s); retrying in %.2fs", exc, backoff)
                     await asyncio.sleep(backoff)
@@ -192,16 +258,29 @@ class Publisher:
             if self._dirty:  # raced with a publish after the loop's last check
                 self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
-    async def _send(self, taken: list[tuple[JobChannel, list[str], list[str], int]]) -> list[int]:
-        """One round trip: every job's EVALSHA packed by hand into one write.
+    def _forget_scripts(self) -> None:
+        self._sha = None
+        self._loaded.clear()
+
+    async def _send(
+        self,
+        taken: list[tuple[JobChannel, list[str], list[str], int]],
+        calls: list[_ScriptCall],
+    ) -> list[int]:
+        """One round trip: every job's EVALSHA packed by hand into one write, then the calls.
 
         Only the sequence number and the JSON batch are encoded per call; the rest
         of each command is packed once per job. redis-py's pipeline spent ~30 us
-        per command on packing, retry wrappers and reply dispatch.
+        per command on packing, retry wrappers and reply dispatch. Returns what
+        each job's PUBLISH returned; settles the calls.
         """
         if self._sha is None:
             self._sha = str(await self._redis.script_load(scripts.PUBLISH))
             self._head = b"*12\r\n$7\r\nEVALSHA\r\n" + bulk(self._sha.encode()) + b"$1\r\n3\r\n"
+        for call in calls:
+            if call.source not in self._loaded:
+                await self._redis.script_load(call.source)
+                self._loaded.add(call.source)
         parts: list[bytes] = []
         for ch, entries, _, first_seq in taken:
             if not ch.packed:
@@ -209,6 +288,7 @@ class Publisher:
             # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
             batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
             parts += [self._head, ch.packed, bulk(str(first_seq).encode()), bulk(batch)]
+        parts += [call.command for call in calls]
         conn, read = self._conn, self._read_reply
         if conn is None or read is None:
             # Held across pipelines (one flush runs at a time): a pool checkout and
@@ -218,7 +298,7 @@ class Publisher:
         self._awaiting_since = asyncio.get_running_loop().time()
         try:
             await _write(conn, b"".join(parts))
-            return [int(reply) for reply in await read(len(taken))]
+            replies = await read(len(taken) + len(calls))
         except BaseException:
             self._conn = self._read_reply = None
             await conn.disconnect()  # replies may be left unread: never reuse it
@@ -226,6 +306,20 @@ class Publisher:
             raise
         finally:
             self._awaiting_since = None
+        # Every reply is read, error replies included: the connection stays in step.
+        for call, reply in zip(calls, replies[len(taken) :], strict=True):
+            if isinstance(reply, NoScriptError):
+                self._loaded.discard(call.source)
+                self._calls.append(call)  # loaded and sent again with the next pipeline
+            elif isinstance(reply, BaseException):
+                call.reply.set_exception(reply)
+            elif not call.reply.done():
+                call.reply.set_result(reply)
+        results = replies[: len(taken)]
+        for reply in results:
+            if isinstance(reply, BaseException):
+                raise reply
+        return [int(reply) for reply in results]
 
     def _pack_channel(self, ch: JobChannel) -> bytes:
         s, job = self._settings, ch.job_id
@@ -257,15 +351,18 @@ async def _write(conn: Any, data: bytes) -> None:
 
 
 def _reply_reader(conn: Any) -> Callable[[int], Awaitable[list[Any]]]:
-    """A coroutine function reading the connection's next ``n`` replies, raising error replies.
+    """A coroutine function reading the connection's next ``n`` replies.
+
+    An error reply comes back in its place as the exception redis-py would raise
+    for it (``ResponseError``, ``NoScriptError``...), so one failed command leaves
+    the connection in step with the rest of its pipeline; a connection error is raised.
 
     With hiredis, the replies are taken from its reader in one loop, and the socket
     is read only when they are not all buffered yet: one await per read rather
     than a coroutine per reply. A pipeline carries one reply per job in it, so
     this runs for nearly every token. ``read_response`` wraps each reply in
     per-call error formatting and health-check bookkeeping that cost more than
-    parsing it. Errors still disconnect: the caller drops the connection on any
-    exception.
+    parsing it.
     """
     parser: Any = getattr(conn, "_parser", None)
     reader = getattr(parser, "_reader", None)
@@ -275,10 +372,12 @@ def _reply_reader(conn: Any) -> Callable[[int], Awaitable[list[Any]]]:
         one = parser_read or functools.partial(conn.read_response, timeout=math.inf)
 
         async def read_each(n: int) -> list[Any]:
-            replies = [await one() for _ in range(n)]
-            for reply in replies:
-                if isinstance(reply, BaseException):
-                    raise reply
+            replies: list[Any] = []
+            for _ in range(n):
+                try:
+                    replies.append(await one())
+                except ResponseError as exc:  # a connection's reader raises what a parser returns
+                    replies.append(exc)
             return replies
 
         return read_each
@@ -299,7 +398,7 @@ def _reply_reader(conn: Any) -> Callable[[int], Awaitable[list[Any]]]:
             if reply is pending:
                 await fill()
                 continue
-            if isinstance(reply, BaseException):  # ResponseError, ConnectionError
+            if isinstance(reply, RedisConnectionError):
                 raise reply
             replies.append(reply)
         return replies
