@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -17,7 +18,7 @@ from producer import Client, Settings, keys
 from tests.conftest import RedisTarget
 from tests.helpers import scripted
 from worker.jobs import JobRunner
-from worker.publisher import Publisher, _encode_arg
+from worker.publisher import JobChannel, Publisher, _encode_arg
 
 
 def test_an_unencodable_token_loses_nothing_of_its_own_job_or_its_pipeline_neighbours(
@@ -283,3 +284,28 @@ def test_script_calls_share_a_pipeline_with_entries_and_an_error_stays_with_its_
 def test_a_script_argument_of_another_type_is_refused_by_name(bad: object) -> None:
     with pytest.raises(TypeError, match="script argument must be str, bytes, int or float"):
         _encode_arg(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("stamp", ["0", "1"])
+def test_a_token_queued_by_publish_token_is_the_entry_publish_would_queue(
+    stamp: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The token path's pre-encoded entry matches the general one, escapes and stamps included."""
+    monkeypatch.setenv("ACTORQ_STAMP_TOKENS", stamp)
+    pub = Publisher(redis.asyncio.Redis(), Settings.from_env({}))
+    general, fast = JobChannel("job", "owner"), JobChannel("job", "owner")
+
+    async def main() -> None:
+        for text in ["x", 'q"\\\n\u2603', "\ud83d", ""]:
+            pub.publish(general, ["type", "token", "text", text, "node", "n\u00e9"])
+            pub.publish_token(fast, text, "n\u00e9")
+        pub._dirty.clear()  # nothing is sent: only the queued entries are compared
+
+    asyncio.run(main())
+    strip = (lambda e: e.rsplit(',"ts",', 1)[0]) if stamp == "1" else (lambda e: e)
+    assert [strip(e) for e in general.pending] == [strip(e) for e in fast.pending]
+    assert fast.kinds == ["token"] * 4
+    for entry in fast.pending:
+        fields = json.loads(entry)
+        assert fields[:3] == ["type", "token", "text"] and fields[4:6] == ["node", "n\u00e9"]
+        assert (fields[6:7] == ["ts"]) == (stamp == "1")

@@ -46,8 +46,7 @@ class Outcome(str):
 
 
 def _event_fields(event: RunEvent) -> list[str]:
-    if event.type == "token":
-        return ["type", "token", "text", event.text, "node", event.node]
+    """The stream fields of an event other than a token (those go by ``publish_token``)."""
     fields = ["type", event.type, "node", event.node]
     for k, v in event.data.items():
         fields += [k, v]
@@ -249,9 +248,13 @@ class JobRunner:
             try:
                 # aclosing: leaving early (stream cap, lease lost) closes the model's stream now.
                 stream = executor.events(message)
+                publish, publish_token = self.publisher.publish, self.publisher.publish_token
                 async with contextlib.aclosing(stream) as events:
                     async for event in events:
-                        self.publisher.publish(channel, _event_fields(event))
+                        if event.type == "token":
+                            publish_token(channel, event.text, event.node)
+                        else:
+                            publish(channel, _event_fields(event))
                         emitted += 1
                         if channel.stopped:
                             break

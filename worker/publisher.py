@@ -124,13 +124,27 @@ class Publisher:
         """Queue one entry (flat field/value list: ``type``, its kind, ...); never blocks."""
         if channel.stopped:
             return
-        if not self._dirty:
-            self._dirty_since = time.monotonic()
         kind = fields[1]
         if self._stamp and kind == "token":
             fields = [*fields, "ts", f"{time.time():.6f}"]
         # Encoded now, one C call per string, so a batch is a join of its entries.
-        channel.pending.append("[" + ",".join(map(encode_basestring, fields)) + "]")
+        self._queue(channel, "[" + ",".join(map(encode_basestring, fields)) + "]", kind)
+
+    def publish_token(self, channel: JobChannel, text: str, node: str) -> None:
+        """:meth:`publish` of ``type token text <text> node <node>``, its constant part pre-encoded."""
+        if channel.stopped:
+            return
+        entry = '["type","token","text",' + encode_basestring(text) + ',"node",'
+        if self._stamp:
+            entry += encode_basestring(node) + ',"ts","' + f"{time.time():.6f}" + '"]'
+        else:
+            entry += encode_basestring(node) + "]"
+        self._queue(channel, entry, "token")
+
+    def _queue(self, channel: JobChannel, entry: str, kind: str) -> None:
+        if not self._dirty:
+            self._dirty_since = time.monotonic()
+        channel.pending.append(entry)
         channel.kinds.append(kind)
         channel.unwritten = True
         self._dirty[channel] = None

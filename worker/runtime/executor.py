@@ -137,12 +137,23 @@ class Executor:
         self.last_result = None
         inner: Any = actors.drive(self, run, message)
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
+        # Guard.next written out: this loop runs once per token, and a coroutine per
+        # event cost more than the guard's own bookkeeping.
+        step, begin, end = inner.__anext__, guard.begin, guard.end
         try:
             while True:
+                begin()
                 try:
-                    event = await guard.next(inner)
+                    event = await step()
                 except StopAsyncIteration:
                     break
+                except asyncio.CancelledError:
+                    passed = guard.limit_passed()
+                    if passed is None:
+                        raise  # cancelled from outside
+                    raise passed from None
+                finally:
+                    end()
                 yield event
             self.last_result = run.result()
         except LimitExceeded as exc:

@@ -60,7 +60,25 @@ class Guard:
             self._arm()  # the model sent something since this timer was set
 
     async def next(self, source: AsyncIterator[T]) -> T:
-        """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes."""
+        """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes.
+
+        The same as :meth:`begin`, the await, :meth:`limit_passed` on a cancel and
+        :meth:`end`, which a caller on the token path writes out to save a
+        coroutine per event.
+        """
+        self.begin()
+        try:
+            return await source.__anext__()
+        except asyncio.CancelledError:
+            passed = self.limit_passed()
+            if passed is None:
+                raise  # cancelled from outside
+            raise passed from None
+        finally:
+            self._waiting = False
+
+    def begin(self) -> None:
+        """A wait for the source starts (in the task the guard may cancel)."""
         if self._task is None:
             self._task = asyncio.current_task()
         self._since = now = self._loop.time()
@@ -71,14 +89,19 @@ class Guard:
         self._waiting = True
         if self._handle is None:
             self._arm()
-        try:
-            return await source.__anext__()
-        except asyncio.CancelledError:
-            if self._expired is None or self._task is None or self._task.uncancel() > 0:
-                raise  # cancelled from outside
-            raise self._exceeded(self._expired) from None
-        finally:
-            self._waiting = False
+
+    def end(self) -> None:
+        """The wait is over (whatever it ended with)."""
+        self._waiting = False
+
+    def limit_passed(self) -> LimitExceeded | None:
+        """After a ``CancelledError`` in a wait: the limit the guard cancelled for, else None.
+
+        Uncancels the task when it was the guard's own cancel.
+        """
+        if self._expired is None or self._task is None or self._task.uncancel() > 0:
+            return None
+        return self._exceeded(self._expired)
 
     def _exceeded(self, limit: str) -> LimitExceeded:
         if limit == "timeout_ms":
