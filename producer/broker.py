@@ -10,7 +10,11 @@ one.
 
 The unacked bookkeeping of a delivered message and its ack are each one script
 call rather than a MULTI/EXEC pipeline of four commands: the same keys and
-values, just as atomic, for less of the intake thread's CPU per job.
+values, just as atomic, for less of the intake thread's CPU per job. The call
+goes out hand-packed on one connection the QoS holds: redis-py's per-command
+pool checkout (with a readiness poll of the socket), retry wrapper and generic
+packing cost more than the round trip itself. Any failure there falls back to
+redis-py's script call, with its retries and its reload of a flushed script.
 
 :func:`install` makes it the transport of ``redis://`` URLs (``celeryconfig``
 calls it), so whatever broker URL an app is given later picks its transport by
@@ -19,6 +23,8 @@ scheme as before. ``rediss://`` keeps kombu's own, with its TLS defaults.
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 from typing import Any
 
@@ -26,6 +32,11 @@ import kombu.transport
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import dumps
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .resp import bulk
 
 __all__ = ["REDIS_TRANSPORT", "Channel", "QoS", "Transport", "install"]
 
@@ -56,15 +67,17 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._scripts: dict[str, Any] = {}  # by name, on the channel's sync client
+        self._heads: dict[str, bytes] = {}  # by name: EVALSHA, its sha and both keys, packed
+        self._lock = threading.Lock()  # acks may come from another thread than deliveries
+        self._conn: Any = None  # the held connection, and the pool it came from
+        self._conn_pool: Any = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if self.channel.global_keyprefix:
             return super().append(message, delivery_tag)
         delivery = message.delivery_info
         raw = dumps([message._raw, delivery["exchange"], delivery["routing_key"]])
-        self._script("append", _APPEND)(
-            [self.unacked_index_key, self.unacked_key], [delivery_tag, time.time(), raw]
-        )
+        self._run("append", _APPEND, [delivery_tag, repr(time.time()), raw])
         virtual.QoS.append(self, message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
@@ -80,7 +93,46 @@ class QoS(kombu_redis.QoS):
         virtual.QoS.ack(self, delivery_tag)
 
     def _remove(self, delivery_tag: str) -> None:
-        self._script("remove", _REMOVE)([self.unacked_index_key, self.unacked_key], [delivery_tag])
+        self._run("remove", _REMOVE, [delivery_tag])
+
+    def _run(self, name: str, source: str, args: list[str]) -> None:
+        """Call a script on the unacked keys: on the held connection, else through redis-py."""
+        client = self.channel._create_client()
+        head = self._heads.get(name)
+        if head is None:
+            sha = hashlib.sha1(source.encode()).hexdigest().encode()
+            keys = (self.unacked_index_key, self.unacked_key)
+            head = self._heads[name] = b"".join(
+                [b"*%d\r\n$7\r\nEVALSHA\r\n" % (5 + len(args)), bulk(sha), b"$1\r\n2\r\n"]
+                + [bulk(k.encode()) for k in keys]
+            )
+        command = b"".join([head, *(bulk(a.encode()) for a in args)])
+        with self._lock:
+            pool = client.connection_pool
+            if self._conn is None or self._conn_pool is not pool:
+                self._release_connection()
+                self._conn, self._conn_pool = pool.get_connection(), pool
+            try:
+                self._conn.send_packed_command([command], check_health=False)
+                self._conn.read_response()
+                return
+            except ResponseError:  # NOSCRIPT, or the server refusing: the reply was read
+                pass
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                self._release_connection()
+        self._script(name, source)([self.unacked_index_key, self.unacked_key], args)
+
+    def _release_connection(self) -> None:
+        conn, pool = self._conn, self._conn_pool
+        self._conn = self._conn_pool = None
+        if conn is not None:
+            conn.disconnect()
+            pool.release(conn)
+
+    def close(self) -> None:
+        """Give the held connection back (the channel is closing)."""
+        with self._lock:
+            self._release_connection()
 
     def _script(self, name: str, source: str) -> Any:
         """A script object (EVALSHA, loaded again after a flush) on the channel's sync client.
@@ -107,8 +159,11 @@ class Channel(kombu_redis.Channel):
         return client
 
     def close(self) -> None:
+        qos = self._qos
+        super().close()  # kombu restores unacked messages here, through the QoS
+        if isinstance(qos, QoS):
+            qos.close()
         self._shared_client = None
-        super().close()
 
 
 class Transport(kombu_redis.Transport):

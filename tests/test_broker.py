@@ -70,7 +70,8 @@ def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
             acked.ack()
             assert tracked(acked.delivery_tag) == (False, False)
             qos = q.channel.qos
-            assert isinstance(qos, QoS) and set(qos._scripts) == {"append", "remove"}
+            # Both went out on the connection the QoS holds, not through redis-py's scripts.
+            assert isinstance(qos, QoS) and qos._conn is not None and not qos._scripts
             rejected = q.get(timeout=5)
             assert tracked(rejected.delivery_tag) == (True, True)
             rejected.reject()
@@ -84,6 +85,45 @@ def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
             assert again.payload == {"n": "restored"}
             again.ack()
             assert tracked(again.delivery_tag) == (False, False)
+    finally:
+        r.delete(queue)
+        r.close()
+
+
+def test_unacked_bookkeeping_falls_back_to_redis_py_when_its_connection_or_script_is_gone(
+    redis_target: RedisTarget,
+) -> None:
+    """A broken held connection, or a script cache flushed under it: nothing is lost."""
+    if not redis_target.url.startswith("redis://"):
+        pytest.skip("the shared-client transport serves redis:// URLs")
+    queue = f"actorq-test-broker-{uuid.uuid4().hex[:8]}"
+    r = redis_target.client()
+
+    def tracked(tag: str) -> tuple[bool, bool]:
+        return r.zscore(UNACKED_INDEX, tag) is not None, r.hexists(UNACKED, tag)
+
+    try:
+        with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
+            for n in range(3):
+                q.put({"n": n})
+            first = q.get(timeout=5)
+            qos = q.channel.qos
+            assert isinstance(qos, QoS) and qos._conn is not None
+            qos._conn._sock.close()  # the held connection breaks under the QoS
+            first.ack()
+            assert tracked(first.delivery_tag) == (False, False)
+            assert set(qos._scripts) == {"remove"}  # done by redis-py instead
+            second = q.get(timeout=5)  # and a new held connection takes the next one
+            assert tracked(second.delivery_tag) == (True, True) and qos._conn is not None
+            second.ack()
+            if redis_target.embedded is not None:  # SCRIPT FLUSH empties a shared server's cache
+                r.script_flush()
+                third = q.get(timeout=5)  # NOSCRIPT on the held connection: redis-py reloads
+                assert tracked(third.delivery_tag) == (True, True)
+                assert set(qos._scripts) == {"remove", "append"}
+                third.ack()
+                assert tracked(third.delivery_tag) == (False, False)
+        assert qos._conn is None  # given back when the channel closed
     finally:
         r.delete(queue)
         r.close()
