@@ -25,10 +25,10 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .bench_measure import (
     JobTrace,
@@ -45,6 +45,8 @@ from .bench_report import render, targets, write_plot
 from .stack import EmbeddedRedis, WorkerProcess
 
 __all__ = ["BenchOptions", "bracket_floor", "memory_tokens", "run_bench"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,7 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
     async def both() -> tuple[list[JobTrace], tuple[list[JobTrace], list[JobTrace]]]:
         return await first_tokens(), await memory()
 
-    traces, (big, small) = asyncio.run(both())
+    traces, (big, small) = _run_router(both(), o.uvloop)
     w.stop()
     added = [(t.first_token_s or 0) * 1000 - o.ttft_ms for t in traces if t.received]
     # Where the added first-token time goes: queue + claim, the worker's setup and
@@ -283,6 +285,17 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
             - per_entry * sizes_small["entries"],
         },
     }
+
+
+def _run_router(coro: Coroutine[Any, Any, T], uvloop_on: bool) -> T:
+    """Run this process's tailing router: on uvloop when the run uses it, as uvicorn does."""
+    factory = None
+    if uvloop_on and _has("uvloop"):
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
 
 
 def _noop() -> None:
@@ -345,7 +358,7 @@ def _phase_stream(
         await client.aclose()
         return traces, cpu, sampler
 
-    traces, cpu, sampler = asyncio.run(main())
+    traces, cpu, sampler = _run_router(main(), o.uvloop)
     w.stop()
     client.close()
     out = summarise_lags(traces, delay_ms)
@@ -409,7 +422,7 @@ def _phase_naive(stack: _Stack) -> dict[str, Any]:
         stdout, _ = await asyncio.wait_for(proc.communicate(), 600)
         return await tails, json.loads(stdout.decode().strip().splitlines()[-1])
 
-    traces, stats = asyncio.run(main())
+    traces, stats = _run_router(main(), o.uvloop)
     client.close()
     out = summarise_lags(traces, o.delay_ms)
     out.update(
@@ -451,7 +464,7 @@ def _phase_prefork(stack: _Stack) -> dict[str, Any]:
             cpu = cpu_seconds(pids) - cpu0
         return traces, cpu, sampler
 
-    traces, cpu, sampler = asyncio.run(main())
+    traces, cpu, sampler = _run_router(main(), o.uvloop)
     w.stop()
     app.close()
     client.close()
