@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kombu import Connection
@@ -49,84 +51,86 @@ def test_messages_round_trip_and_the_channel_keeps_one_client(redis_target: Redi
         r.close()
 
 
-def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
-    redis_target: RedisTarget,
-) -> None:
-    """The script-call bookkeeping keeps kombu's layout: its own restore finds the message."""
+class _UnackedQueue:
+    """A queue of the test's own and a look at kombu's unacked bookkeeping of its messages."""
+
+    def __init__(self, redis: Any, queue: str) -> None:
+        self.redis, self.queue = redis, queue
+
+    def tracked(self, tag: str) -> tuple[bool, bool]:
+        """Is the message in the unacked index, and in the unacked hash?"""
+        return self.redis.zscore(UNACKED_INDEX, tag) is not None, self.redis.hexists(UNACKED, tag)
+
+
+@pytest.fixture
+def unacked(redis_target: RedisTarget) -> Iterator[_UnackedQueue]:
     if not redis_target.url.startswith("redis://"):
         pytest.skip("the shared-client transport serves redis:// URLs")
-    queue = f"actorq-test-broker-{uuid.uuid4().hex[:8]}"
     r = redis_target.client()
-
-    def tracked(tag: str) -> tuple[bool, bool]:
-        return r.zscore(UNACKED_INDEX, tag) is not None, r.hexists(UNACKED, tag)
-
+    queue = _UnackedQueue(r, f"actorq-test-broker-{uuid.uuid4().hex[:8]}")
     try:
-        with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
-            for n in ("acked", "rejected", "restored"):
-                q.put({"n": n})
-            acked = q.get(timeout=5)
-            assert tracked(acked.delivery_tag) == (True, True)
-            acked.ack()
-            assert tracked(acked.delivery_tag) == (False, False)
-            qos = q.channel.qos
-            # Both went out on the connection the QoS holds, not through redis-py's scripts.
-            assert isinstance(qos, QoS) and qos._conn is not None and not qos._scripts
-            rejected = q.get(timeout=5)
-            assert tracked(rejected.delivery_tag) == (True, True)
-            rejected.reject()
-            assert tracked(rejected.delivery_tag) == (False, False)
-            left = q.get(timeout=5)  # never acked: the channel's close restores it
-            assert left.payload == {"n": "restored"}
-            assert tracked(left.delivery_tag) == (True, True)
-        assert tracked(left.delivery_tag) == (False, False)
-        with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
-            again = q.get(timeout=5)
-            assert again.payload == {"n": "restored"}
-            again.ack()
-            assert tracked(again.delivery_tag) == (False, False)
+        yield queue
     finally:
-        r.delete(queue)
+        r.delete(queue.queue)
         r.close()
+
+
+def test_unacked_bookkeeping_is_written_removed_and_restored_by_kombu(
+    redis_target: RedisTarget, unacked: _UnackedQueue
+) -> None:
+    """The script-call bookkeeping keeps kombu's layout: its own restore finds the message."""
+    queue, tracked = unacked.queue, unacked.tracked
+    with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
+        for n in ("acked", "rejected", "restored"):
+            q.put({"n": n})
+        acked = q.get(timeout=5)
+        assert tracked(acked.delivery_tag) == (True, True)
+        acked.ack()
+        assert tracked(acked.delivery_tag) == (False, False)
+        qos = q.channel.qos
+        # Both went out on the connection the QoS holds, not through redis-py's scripts.
+        assert isinstance(qos, QoS) and qos._conn is not None and not qos._scripts
+        rejected = q.get(timeout=5)
+        assert tracked(rejected.delivery_tag) == (True, True)
+        rejected.reject()
+        assert tracked(rejected.delivery_tag) == (False, False)
+        left = q.get(timeout=5)  # never acked: the channel's close restores it
+        assert left.payload == {"n": "restored"}
+        assert tracked(left.delivery_tag) == (True, True)
+    assert tracked(left.delivery_tag) == (False, False)
+    with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
+        again = q.get(timeout=5)
+        assert again.payload == {"n": "restored"}
+        again.ack()
+        assert tracked(again.delivery_tag) == (False, False)
 
 
 def test_unacked_bookkeeping_falls_back_to_redis_py_when_its_connection_or_script_is_gone(
-    redis_target: RedisTarget,
+    redis_target: RedisTarget, unacked: _UnackedQueue
 ) -> None:
     """A broken held connection, or a script cache flushed under it: nothing is lost."""
-    if not redis_target.url.startswith("redis://"):
-        pytest.skip("the shared-client transport serves redis:// URLs")
-    queue = f"actorq-test-broker-{uuid.uuid4().hex[:8]}"
-    r = redis_target.client()
-
-    def tracked(tag: str) -> tuple[bool, bool]:
-        return r.zscore(UNACKED_INDEX, tag) is not None, r.hexists(UNACKED, tag)
-
-    try:
-        with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
-            for n in range(3):
-                q.put({"n": n})
-            first = q.get(timeout=5)
-            qos = q.channel.qos
-            assert isinstance(qos, QoS) and qos._conn is not None
-            qos._conn._sock.close()  # the held connection breaks under the QoS
-            first.ack()
-            assert tracked(first.delivery_tag) == (False, False)
-            assert set(qos._scripts) == {"remove"}  # done by redis-py instead
-            second = q.get(timeout=5)  # and a new held connection takes the next one
-            assert tracked(second.delivery_tag) == (True, True) and qos._conn is not None
-            second.ack()
-            if redis_target.embedded is not None:  # SCRIPT FLUSH empties a shared server's cache
-                r.script_flush()
-                third = q.get(timeout=5)  # NOSCRIPT on the held connection: redis-py reloads
-                assert tracked(third.delivery_tag) == (True, True)
-                assert set(qos._scripts) == {"remove", "append"}
-                third.ack()
-                assert tracked(third.delivery_tag) == (False, False)
-        assert qos._conn is None  # given back when the channel closed
-    finally:
-        r.delete(queue)
-        r.close()
+    queue, tracked = unacked.queue, unacked.tracked
+    with Connection(redis_target.url) as conn, conn.SimpleQueue(queue) as q:
+        for n in range(3):
+            q.put({"n": n})
+        first = q.get(timeout=5)
+        qos = q.channel.qos
+        assert isinstance(qos, QoS) and qos._conn is not None
+        qos._conn._sock.close()  # the held connection breaks under the QoS
+        first.ack()
+        assert tracked(first.delivery_tag) == (False, False)
+        assert set(qos._scripts) == {"remove"}  # done by redis-py instead
+        second = q.get(timeout=5)  # and a new held connection takes the next one
+        assert tracked(second.delivery_tag) == (True, True) and qos._conn is not None
+        second.ack()
+        if redis_target.embedded is not None:  # SCRIPT FLUSH empties a shared server's cache
+            unacked.redis.script_flush()
+            third = q.get(timeout=5)  # NOSCRIPT on the held connection: redis-py reloads
+            assert tracked(third.delivery_tag) == (True, True)
+            assert set(qos._scripts) == {"remove", "append"}
+            third.ack()
+            assert tracked(third.delivery_tag) == (False, False)
+    assert qos._conn is None  # given back when the channel closed
 
 
 def test_a_client_sends_to_its_settings_broker_whatever_the_environment_names(
