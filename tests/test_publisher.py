@@ -280,6 +280,47 @@ def test_script_calls_share_a_pipeline_with_entries_and_an_error_stays_with_its_
         r.close()
 
 
+def test_a_script_call_whose_caller_stops_waiting_leaves_the_pipelines_working(
+    redis_target: RedisTarget, stack_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Cancelled before its pipeline: not sent. Cancelled after: its reply is read and dropped."""
+    key = f"actorq-test:calls:{uuid.uuid4().hex[:8]}"
+    # Keeps Redis busy ~50 ms, so the call is surely in flight when its caller gives up.
+    slow = """
+    local t0 = redis.call('TIME')
+    repeat local t = redis.call('TIME')
+    until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > 50000
+    redis.call('INCR', KEYS[1])
+    return redis.error_reply('too late: nobody waits for this one')
+    """
+
+    async def main() -> list[object]:
+        client = redis.asyncio.Redis.from_url(redis_target.url, socket_timeout=5)
+        pub = Publisher(client, Settings.from_env(stack_env))
+        try:
+            never = pub.run_script("return redis.call('INCR', KEYS[1])", [key], [])
+            never.cancel()  # before the loop ran the flusher: never sent
+            in_flight = pub.run_script(slow, [key], [])
+            await asyncio.sleep(0.02)
+            in_flight.cancel()  # its reply comes back to nobody
+            after = await asyncio.wait_for(
+                pub.run_script("return redis.call('GET', KEYS[1])", [key], []), 10
+            )
+            return [never.cancelled(), in_flight.cancelled(), after]
+        finally:
+            await client.aclose()
+
+    r = redis_target.client()
+    try:
+        with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
+            # The slow call ran, the first never did, and no pipeline failed over either.
+            assert asyncio.run(main()) == [True, True, b"1"]
+        assert not [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+    finally:
+        r.delete(key)
+        r.close()
+
+
 @pytest.mark.parametrize("bad", [True, None, 1j, ["a"]])
 def test_a_script_argument_of_another_type_is_refused_by_name(bad: object) -> None:
     with pytest.raises(TypeError, match="script argument must be str, bytes, int or float"):

@@ -269,7 +269,7 @@ class Publisher:
                 metrics.published(written)
         finally:
             self._flusher = None
-            if self._dirty:  # raced with a publish after the loop's last check
+            if self._dirty or self._calls:  # raced with a publish after the loop's last check
                 self._flusher = asyncio.get_running_loop().create_task(self._flush())
 
     def _forget_scripts(self) -> None:
@@ -322,12 +322,14 @@ class Publisher:
             self._awaiting_since = None
         # Every reply is read, error replies included: the connection stays in step.
         for call, reply in zip(calls, replies[len(taken) :], strict=True):
+            if call.reply.done():  # its caller stopped waiting (cancelled)
+                continue
             if isinstance(reply, NoScriptError):
                 self._loaded.discard(call.source)
                 self._calls.append(call)  # loaded and sent again with the next pipeline
             elif isinstance(reply, BaseException):
                 call.reply.set_exception(reply)
-            elif not call.reply.done():
+            else:
                 call.reply.set_result(reply)
         results = replies[: len(taken)]
         for reply in results:
