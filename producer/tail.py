@@ -132,7 +132,10 @@ class _Shard:
         self.task: asyncio.Task[None] | None = None
         self.has_work = asyncio.Event()
         self.redis = tail.reader_client()
-        self._packed_keys: dict[str, bytes] = {}
+        # Per stream: its key RESP-encoded, and the cursor last read from with its
+        # encoding. Between two polls most streams have no new entry, so most of a
+        # read's arguments are reused as they are.
+        self._packed: dict[str, list[Any]] = {}
 
     def add(self, sub: Subscription) -> None:
         sub.shard = self
@@ -173,40 +176,45 @@ class _Shard:
         finally:
             self.waking = False
 
-    def _read_set(self) -> dict[str, str]:
+    def _read_set(self, block: bool) -> tuple[dict[str, str], bytes]:
+        """The streams to read and the cursor read from in each, and that ``XREAD`` in RESP.
+
+        ``XREAD COUNT .. [BLOCK ..] STREAMS k.. id..``, built in one pass over the
+        shard's streams: this runs for every read, and a read covers every stream
+        of the shard. redis-py's generic packing (two encodes and a length per
+        argument) was the largest cost of a router tailing hundreds of busy streams.
+        """
         streams: dict[str, str] = {}
+        packed = self._packed
+        keys: list[bytes] = []
+        ids: list[bytes] = []
         for stream, group in self.subs.items():
             if len(group) == 1:  # the common case: one tail per stream, no comparing
-                if not group[0].paused:
-                    streams[stream] = group[0].cursor
-                continue
-            live = [s for s in group if not s.paused]
-            if live:
-                streams[stream] = min((s.cursor for s in live), key=_id_key)
-        return streams
-
-    def _pack_xread(self, streams: dict[str, str], block: bool) -> bytes:
-        """``XREAD COUNT .. [BLOCK ..] STREAMS k.. id..`` in RESP, the keys packed once each.
-
-        redis-py's generic packing (two encodes and a length per argument) was the
-        largest cost of a router tailing hundreds of busy streams.
-        """
-        packed = self._packed_keys
-        head = _XREAD_BLOCK if block else _XREAD_POLL
-        parts = [b"*%d\r\n" % ((6 if block else 4) + 2 * len(streams)), head, _STREAMS]
-        for stream in streams:
-            key = packed.get(stream)
-            if key is None:
-                key = packed[stream] = bulk(stream.encode())
-            parts.append(key)
-        parts += [bulk(cursor.encode()) for cursor in streams.values()]
+                if group[0].paused:
+                    continue
+                cursor = group[0].cursor
+            else:
+                live = [s for s in group if not s.paused]
+                if not live:
+                    continue
+                cursor = min((s.cursor for s in live), key=_id_key)
+            streams[stream] = cursor
+            entry = packed.get(stream)
+            if entry is None:
+                entry = packed[stream] = [bulk(stream.encode()), None, b""]
+            if entry[1] != cursor:
+                entry[1], entry[2] = cursor, bulk(cursor.encode())
+            keys.append(entry[0])
+            ids.append(entry[2])
         if len(packed) > 2 * len(self.subs) + 64:  # forget streams that left
-            self._packed_keys = {k: v for k, v in packed.items() if k in self.subs}
-        return b"".join(parts)
+            self._packed = {k: v for k, v in packed.items() if k in self.subs}
+        head = _XREAD_BLOCK if block else _XREAD_POLL
+        count = b"*%d\r\n" % ((6 if block else 4) + 2 * len(streams))
+        return streams, b"".join([count, head, _STREAMS, *keys, *ids])
 
-    async def _xread(self, streams: dict[str, str], block: bool) -> Any:
+    async def _xread(self, command: bytes) -> Any:
         conn: Any = self.redis.connection
-        await conn.send_packed_command(self._pack_xread(streams, block), check_health=False)
+        await conn.send_packed_command(command, check_health=False)
         # A blocked read legitimately waits _BLOCK_MS: never time it out before that.
         timeout = conn.socket_timeout
         return await conn.read_response(
@@ -220,7 +228,7 @@ class _Shard:
             while True:
                 if not self.subs:
                     return  # idle: give the connection back; the next subscriber restarts it
-                streams = self._read_set()
+                streams, command = self._read_set(block)
                 if not streams:  # every subscriber is paused
                     self.has_work.clear()
                     await self.has_work.wait()
@@ -231,7 +239,7 @@ class _Shard:
                 self.in_read = block  # only a blocked read needs waking on a change
                 started = loop.time()
                 try:
-                    reply = await self._xread(streams, block)
+                    reply = await self._xread(command)
                 finally:
                     self.in_read = False
                 if reply:

@@ -194,3 +194,43 @@ def test_a_bad_cursor_is_refused_before_it_reaches_a_shared_read(client: Client)
         return events
 
     assert [e.type for e in asyncio.run(main())] == ["start", "done"]
+
+
+def test_a_shard_packs_its_read_as_redis_py_would_and_follows_moved_cursors() -> None:
+    """The hand-packed XREAD: the same bytes as redis-py's packing, cursors re-encoded once moved."""
+    import redis.connection
+
+    from producer import tail as tail_module
+    from producer.tail import Subscription, _Shard
+
+    pack = redis.connection.Connection().pack_command
+
+    def expected(block: bool, streams: dict[str, str]) -> bytes:
+        args: list[Any] = ["XREAD", "COUNT", tail_module._COUNT]
+        if block:
+            args += ["BLOCK", tail_module._BLOCK_MS]
+        return b"".join(pack(*args, "STREAMS", *streams, *streams.values()))
+
+    async def main() -> None:
+        tail = Tail("redis://127.0.0.1:1/0")  # never connects: only the packing is looked at
+        shard = _Shard(tail)
+        a, b_behind, b_ahead, c = (
+            Subscription("s:a", "5-0"),
+            Subscription("s:b", "9-1"),
+            Subscription("s:b", "10-0"),
+            Subscription("s:ć", "0"),
+        )
+        c.paused = True
+        for sub in (a, b_behind, b_ahead, c):
+            shard.subs.setdefault(sub.stream, []).append(sub)
+        for block in (True, False):
+            streams, command = shard._read_set(block)
+            # Two tails of one stream: read from the one further behind; a paused one: left out.
+            assert streams == {"s:a": "5-0", "s:b": "9-1"}
+            assert command == expected(block, streams)
+        a.cursor, c.paused = "7-3", False
+        streams, command = shard._read_set(False)
+        assert streams == {"s:a": "7-3", "s:b": "9-1", "s:ć": "0"}
+        assert command == expected(False, streams)
+
+    asyncio.run(main())
