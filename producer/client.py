@@ -37,6 +37,7 @@ from .schema import (
     TASK_NAME,
     ActorResult,
     Event,
+    EventType,
     JobRecord,
     JobStatus,
     task_message,
@@ -51,6 +52,7 @@ __all__ = ["CancelOutcome", "Client", "celery_app", "use_broker"]
 
 _IDEM_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
 _BLOCK_MS = 2000
+_DONE = EventType.DONE.value  # the type of a stream's last entry
 
 
 def celery_app(name: str, settings: Settings) -> Celery:
@@ -371,12 +373,10 @@ class Client:
                     continue
                 for entry_id, flat in batch:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                    kind = fields.pop("type", "")
                     # Built from str values the reader already decoded: no validation pass.
-                    event = Event.model_construct(
-                        id=entry_id, type=fields.pop("type", ""), fields=fields
-                    )
-                    yield event
-                    if event.terminal:
+                    yield Event.model_construct(id=entry_id, type=kind, fields=fields)
+                    if kind == _DONE:  # Event.terminal, without the property per token
                         return
 
     @property
