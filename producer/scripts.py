@@ -1,7 +1,7 @@
 """Lua scripts that change a job's keys: each runs atomically inside Redis.
 
-A job's keys share its hash tag (one Cluster slot); CLAIM and FINISH also touch
-the running index, one key for all jobs. The terminal write (``done`` entry + record)
+A job's keys share its hash tag (one Cluster slot); CLAIM, RENEW and FINISH also
+touch the running index, one key for all jobs. The terminal write (``done`` entry + record)
 is one function used by every path that can end a job, which is what makes
 "exactly one ending" hold whatever the races.
 
@@ -170,12 +170,16 @@ if capped then return -2 end
 return added
 """
 
-# KEYS: lease, cancel, job. ARGV: owner, lease_ms, ttl -> {held, cancel_requested}
+# KEYS: lease, cancel, job, running index. ARGV: owner, lease_ms, ttl, index_deadline,
+# job_id -> {held, cancel_requested}
+# The index entry is moved on only under the lease: a renewal that reaches Redis after
+# the job's FINISH (which drops the lease and the entry) must not put it back.
 RENEW = """
 local held = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
   held = 1
 end
 return {held, redis.call('EXISTS', KEYS[2])}

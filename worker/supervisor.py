@@ -158,23 +158,23 @@ class Supervisor:
         """Renew every lease and read every cancel flag: ``(held, cancel)`` per job."""
         s = self._settings
         pipe = self._redis.pipeline(transaction=False)
+        deadline = time.time() + s.lease_ttl_s
         for job in jobs:
             pipe.eval(
                 scripts.RENEW,
-                3,
+                4,
                 keys.lease_key(job.job_id),
                 keys.cancel_key(job.job_id),
                 keys.job_key(job.job_id),
+                keys.RUNNING_INDEX,
                 job.owner,
                 s.lease_ttl_s * 1000,
                 s.retention_s,
+                deadline,
+                job.job_id,
             )
-        held_jobs = [j for j in jobs if not j.lease_lost]
-        if held_jobs:
-            deadline = time.time() + s.lease_ttl_s
-            pipe.zadd(keys.RUNNING_INDEX, {j.job_id: deadline for j in held_jobs})
         results = await pipe.execute()
-        return [(int(r[0]), int(r[1])) for r in results[: len(jobs)]]
+        return [(int(r[0]), int(r[1])) for r in results]
 
     async def sweep(self) -> int:
         """Send again the running jobs whose lease expired; return how many."""
