@@ -18,6 +18,7 @@ runs with ``ACTORQ_STAMP_TOKENS=1``); the memory phase runs without it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import subprocess
@@ -289,12 +290,9 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
 
 def _run_router(coro: Coroutine[Any, Any, T], uvloop_on: bool) -> T:
     """Run this process's tailing router: on uvloop when the run uses it, as uvicorn does."""
-    factory = None
-    if uvloop_on and _has("uvloop"):
-        import uvloop
+    from worker.loop import new_event_loop
 
-        factory = uvloop.new_event_loop
-    with asyncio.Runner(loop_factory=factory) as runner:
+    with asyncio.Runner(loop_factory=functools.partial(new_event_loop, uvloop_on)) as runner:
         return runner.run(coro)
 
 

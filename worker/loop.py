@@ -13,7 +13,7 @@ import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["get_loop", "run_on_loop"]
+__all__ = ["get_loop", "new_event_loop", "run_on_loop"]
 
 T = TypeVar("T")
 
@@ -22,8 +22,9 @@ _pid: int | None = None
 _lock = threading.Lock()
 
 
-def _new_loop() -> asyncio.AbstractEventLoop:
-    if os.environ.get("ACTORQ_UVLOOP", "1") != "0":
+def new_event_loop(use_uvloop: bool = True) -> asyncio.AbstractEventLoop:
+    """A new event loop: uvloop's when asked for and installed, else asyncio's."""
+    if use_uvloop:
         try:
             import uvloop
 
@@ -31,6 +32,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
         except ImportError:
             pass
     return asyncio.new_event_loop()
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """The shared loop's kind: uvloop unless ``ACTORQ_UVLOOP=0``."""
+    return new_event_loop(os.environ.get("ACTORQ_UVLOOP", "1") != "0")
 
 
 def get_loop() -> asyncio.AbstractEventLoop:
