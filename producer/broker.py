@@ -23,7 +23,6 @@ scheme as before. ``rediss://`` keeps kombu's own, with its TLS defaults.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from typing import Any
@@ -36,7 +35,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .resp import bulk
+from .resp import evalsha, script_sha
 
 __all__ = ["REDIS_TRANSPORT", "Channel", "QoS", "Transport", "install"]
 
@@ -55,6 +54,7 @@ redis.call('ZREM', KEYS[1], ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
 return 1
 """
+_SHAS = {source: script_sha(source) for source in (_APPEND, _REMOVE)}
 
 
 class QoS(kombu_redis.QoS):
@@ -67,7 +67,6 @@ class QoS(kombu_redis.QoS):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._scripts: dict[str, Any] = {}  # by name, on the channel's sync client
-        self._heads: dict[str, bytes] = {}  # by name: EVALSHA, its sha and both keys, packed
         self._lock = threading.Lock()  # acks may come from another thread than deliveries
         self._conn: Any = None  # the held connection, and the pool it came from
         self._conn_pool: Any = None
@@ -98,15 +97,8 @@ class QoS(kombu_redis.QoS):
     def _run(self, name: str, source: str, args: list[str]) -> None:
         """Call a script on the unacked keys: on the held connection, else through redis-py."""
         client = self.channel._create_client()
-        head = self._heads.get(name)
-        if head is None:
-            sha = hashlib.sha1(source.encode()).hexdigest().encode()
-            keys = (self.unacked_index_key, self.unacked_key)
-            head = self._heads[name] = b"".join(
-                [b"*%d\r\n$7\r\nEVALSHA\r\n" % (5 + len(args)), bulk(sha), b"$1\r\n2\r\n"]
-                + [bulk(k.encode()) for k in keys]
-            )
-        command = b"".join([head, *(bulk(a.encode()) for a in args)])
+        keys = [self.unacked_index_key, self.unacked_key]
+        command = evalsha(_SHAS[source], [k.encode() for k in keys], [a.encode() for a in args])
         with self._lock:
             pool = client.connection_pool
             if self._conn is None or self._conn_pool is not pool:
@@ -120,7 +112,7 @@ class QoS(kombu_redis.QoS):
                 pass
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 self._release_connection()
-        self._script(name, source)([self.unacked_index_key, self.unacked_key], args)
+        self._script(client, name, source)(keys, args)
 
     def _release_connection(self) -> None:
         conn, pool = self._conn, self._conn_pool
@@ -134,12 +126,11 @@ class QoS(kombu_redis.QoS):
         with self._lock:
             self._release_connection()
 
-    def _script(self, name: str, source: str) -> Any:
+    def _script(self, client: Any, name: str, source: str) -> Any:
         """A script object (EVALSHA, loaded again after a flush) on the channel's sync client.
 
         Not ``channel.client``: that one holds the connection of the pending ``BRPOP``.
         """
-        client = self.channel._create_client()
         script = self._scripts.get(name)
         if script is None or script.registered_client is not client:
             script = self._scripts[name] = client.register_script(source)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -31,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from producer import keys, scripts
-from producer.resp import bulk
+from producer.resp import bulk, evalsha, script_sha
 from producer.settings import Settings
 
 from . import metrics
@@ -164,16 +163,8 @@ class Publisher:
         """
         sha = self._shas.get(source)
         if sha is None:
-            sha = self._shas[source] = hashlib.sha1(source.encode()).hexdigest().encode()
-        words = [*keys, *args]
-        command = b"".join(
-            [
-                b"*%d\r\n$7\r\nEVALSHA\r\n" % (len(words) + 3),
-                bulk(sha),
-                bulk(b"%d" % len(keys)),
-                *(bulk(_encode_arg(w)) for w in words),
-            ]
-        )
+            sha = self._shas[source] = script_sha(source)
+        command = evalsha(sha, [k.encode() for k in keys], [_encode_arg(a) for a in args])
         loop = asyncio.get_running_loop()
         call = _ScriptCall(source, command, loop.create_future())
         self._calls.append(call)
