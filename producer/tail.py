@@ -117,6 +117,17 @@ class Subscription:
         return item
 
 
+class _PackedStream:
+    """A stream's ``XREAD`` arguments in RESP: its key, and the cursor last read from."""
+
+    __slots__ = ("cursor", "key", "packed_cursor")
+
+    def __init__(self, stream: str) -> None:
+        self.key = bulk(stream.encode())
+        self.cursor: str | None = None
+        self.packed_cursor = b""
+
+
 class _Shard:
     """One reader connection and the streams it reads with one ``XREAD BLOCK``."""
 
@@ -135,7 +146,7 @@ class _Shard:
         # Per stream: its key RESP-encoded, and the cursor last read from with its
         # encoding. Between two polls most streams have no new entry, so most of a
         # read's arguments are reused as they are.
-        self._packed: dict[str, list[Any]] = {}
+        self._packed: dict[str, _PackedStream] = {}
 
     def add(self, sub: Subscription) -> None:
         sub.shard = self
@@ -201,11 +212,11 @@ class _Shard:
             streams[stream] = cursor
             entry = packed.get(stream)
             if entry is None:
-                entry = packed[stream] = [bulk(stream.encode()), None, b""]
-            if entry[1] != cursor:
-                entry[1], entry[2] = cursor, bulk(cursor.encode())
-            keys.append(entry[0])
-            ids.append(entry[2])
+                entry = packed[stream] = _PackedStream(stream)
+            if entry.cursor != cursor:
+                entry.cursor, entry.packed_cursor = cursor, bulk(cursor.encode())
+            keys.append(entry.key)
+            ids.append(entry.packed_cursor)
         if len(packed) > 2 * len(self.subs) + 64:  # forget streams that left
             self._packed = {k: v for k, v in packed.items() if k in self.subs}
         head = _XREAD_BLOCK if block else _XREAD_POLL
