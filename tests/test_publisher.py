@@ -350,3 +350,18 @@ def test_a_token_queued_by_publish_token_is_the_entry_publish_would_queue(
         fields = json.loads(entry)
         assert fields[:3] == ["type", "token", "text"] and fields[4:6] == ["node", "n\u00e9"]
         assert (fields[6:7] == ["ts"]) == (stamp == "1")
+
+
+def test_evalsha_packs_what_redis_py_packs_and_names_the_script_as_redis_does() -> None:
+    import hashlib
+
+    import redis.connection
+
+    from producer.resp import evalsha, script_sha
+
+    sha = script_sha("return 1")
+    assert sha == hashlib.sha1(b"return 1").hexdigest().encode()
+    expected = redis.connection.Connection().pack_command(
+        "EVALSHA", sha, 2, "k1", "k2", "x", "1.5", "é"
+    )
+    assert evalsha(sha, [b"k1", b"k2"], [b"x", b"1.5", "é".encode()]) == b"".join(expected)
