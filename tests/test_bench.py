@@ -15,6 +15,7 @@ import pytest
 from ops.bench import BenchOptions, bracket_floor, memory_tokens, run_bench
 from ops.bench_measure import JobTrace, all_streaming
 from ops.bench_peers import arrival_offsets
+from ops.bench_report import capacity
 from ops.cli import main
 
 FIGURES = {
@@ -69,9 +70,14 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     # One verdict row per figure the issue sets a target for, targets 1 to 6.
     assert sorted({row["target"] for row in data["targets"]}) == ["1", "2", "3", "4", "5", "6"]
     assert all(_number(row["value"]) and row["ok"] in (True, False) for row in data["targets"])
+    cap = data["capacity"]
+    assert cap == capacity(data)
+    assert all(_number(v) and v > 0 for v in cap.values()), cap
+    assert cap["load_nominal_tokens_per_s"] == opts.jobs * 1000 / opts.delay_ms
     assert (tmp_path / "bench-lag.png").stat().st_size > 1000
     text = "\n".join(lines)
-    for label in ("floor (a)", "naive (b)", "prefork (c)", "token rate / nominal", "MiB"):
+    for label in ("floor (a)", "naive (b)", "prefork (c)", "token rate / nominal", "MiB",
+                  "Capacity at the nominal rates"):
         assert label in text
 
 
@@ -81,6 +87,26 @@ def test_the_floor_is_the_mean_of_its_two_runs() -> None:
     merged = bracket_floor(before, after)
     assert merged["cpu_us_per_token"] == 45.0 and merged["rate_fraction"] == pytest.approx(0.95)
     assert merged["tokens"] == 60 and merged["cpu_us_per_token_runs"] == [40.0, 50.0]
+
+
+def test_capacity_is_cores_at_the_nominal_rates() -> None:
+    res = {
+        "options": {"jobs": 300, "delay_ms": 20.0, "tail_jobs": 1000, "tail_delay_ms": 100.0},
+        "floor": {"cpu_us_per_token": 50.0},
+        "load": {"cpu_us_per_token": 60.0, "router_cpu_us_per_token": 30.0,
+                 "redis_cpu_us_per_token": 20.0},
+        "fanin": {"cpu_us_per_token": 80.0, "router_cpu_us_per_token": 40.0,
+                  "redis_cpu_us_per_token": None},
+    }  # fmt: skip
+    cap = capacity(res)
+    assert cap["load_nominal_tokens_per_s"] == 15_000 and cap["fanin_nominal_tokens_per_s"] == 10_000
+    assert cap["floor_cores_at_load_rate"] == pytest.approx(0.75)  # 50 us x 15,000/s
+    assert cap["worker_ceiling_vs_floor"] == pytest.approx(1 / 0.75)
+    assert cap["worker_cores_at_load_rate"] == pytest.approx(0.9)
+    assert cap["load_machine_cores"] == pytest.approx(1.65)  # (60 + 30 + 20) x 15,000/s
+    assert cap["fanin_machine_cores"] is None  # a part not measured: no total
+    res["options"]["delay_ms"] = 0  # no nominal rate: nothing to divide by
+    assert capacity(res)["floor_cores_at_load_rate"] is None
 
 
 def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> None:
