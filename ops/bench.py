@@ -289,10 +289,13 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
 
 
 def _run_router(coro: Coroutine[Any, Any, T], uvloop_on: bool) -> T:
-    """Run this process's tailing router: on uvloop when the run uses it, as uvicorn does."""
+    """Run this process's tailing router as ``ops.router`` runs: on uvloop when the run
+    uses it (as uvicorn does), with the router's garbage-collector settings."""
+    from producer.gctune import tuned_gc
     from worker.loop import new_event_loop
 
-    with asyncio.Runner(loop_factory=functools.partial(new_event_loop, uvloop_on)) as runner:
+    loop_factory = functools.partial(new_event_loop, uvloop_on)
+    with tuned_gc(), asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(coro)
 
 

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.peer == "floor":
         # The worker's garbage-collector settings here too: the floor is the same
         # loop in the same interpreter settings, so the ratio measures actorq alone.
-        from worker.gctune import freeze_startup_heap, tune_gc
+        from producer.gctune import freeze_startup_heap, tune_gc
 
         tune_gc()
         freeze_startup_heap()

@@ -20,8 +20,10 @@ the message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from starlette.responses import (
 from starlette.routing import Route
 
 from producer import Client, InvalidInput, JobNotFound, Settings, sse
+from producer.gctune import tuned_gc
 
 __all__ = ["app", "create_app", "demo_actor", "serve"]
 
@@ -140,7 +143,16 @@ def create_app(client: Client | None = None) -> Starlette:
             return _error(404, "job_id", str(exc))
         return JSONResponse({"job_id": job_id, "outcome": outcome.value})
 
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        # One loop forwards every client's tokens: a full collection would stop
+        # them all. The set-up (imports, the client) is frozen out of collections.
+        get_client()
+        with tuned_gc():
+            yield
+
     return Starlette(
+        lifespan=lifespan,
         routes=[
             Route("/", page),
             Route("/healthz", health),

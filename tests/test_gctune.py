@@ -1,7 +1,9 @@
-"""ACTORQ_GC_THRESHOLD and ACTORQ_GC_FREEZE: parsing, bad values, and that the worker applies them."""
+"""ACTORQ_GC_THRESHOLD and ACTORQ_GC_FREEZE: parsing, bad values, and that the worker and
+the router apply them."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import re
 import time
@@ -10,8 +12,14 @@ from collections.abc import Iterator
 
 import pytest
 
+from producer.gctune import (
+    DEFAULT_GC_THRESHOLD,
+    freeze_startup_heap,
+    gc_threshold_from_env,
+    tune_gc,
+    tuned_gc,
+)
 from tests.conftest import WorkerFactory
-from worker.gctune import DEFAULT_GC_THRESHOLD, freeze_startup_heap, gc_threshold_from_env, tune_gc
 
 
 @pytest.fixture
@@ -91,3 +99,39 @@ def test_a_worker_freezes_its_start_up_heap_once_ready(start_worker: WorkerFacto
             break
         time.sleep(0.1)
     assert frozen and int(frozen.group(1)) > 100_000, log[-2000:]
+
+
+def test_tuned_gc_applies_both_and_undoes_them(restore_gc: None, restore_freeze: None) -> None:
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    with tuned_gc({}) as threshold:
+        assert threshold == gc.get_threshold() == DEFAULT_GC_THRESHOLD
+        assert gc.get_freeze_count() > 1000
+    assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
+    with pytest.raises(ValueError, match="ACTORQ_GC_FREEZE"), tuned_gc({"ACTORQ_GC_FREEZE": "no"}):
+        pass
+    assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
+
+
+def test_the_router_runs_with_the_gc_settings(
+    restore_gc: None, restore_freeze: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ops.router import create_app
+    from producer import Client, Settings
+
+    gc.unfreeze()
+    gc.set_threshold(700, 10, 10)
+    app = create_app(Client(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0"})))
+
+    async def serve_once() -> tuple[tuple[int, int, int], int]:
+        async with app.router.lifespan_context(app):
+            return gc.get_threshold(), gc.get_freeze_count()
+
+    threshold, frozen = asyncio.run(serve_once())
+    assert threshold == DEFAULT_GC_THRESHOLD and frozen > 1000
+    assert gc.get_threshold() == (700, 10, 10) and gc.get_freeze_count() == 0
+    # A bad setting stops the router at start, naming the variable.
+    monkeypatch.setenv("ACTORQ_GC_THRESHOLD", "lots")
+    with pytest.raises(ValueError, match="ACTORQ_GC_THRESHOLD"):
+        asyncio.run(serve_once())
+    assert gc.get_threshold() == (700, 10, 10)

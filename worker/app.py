@@ -15,11 +15,11 @@ from celery.signals import (
 )
 
 import celeryconfig
+from producer.gctune import freeze_startup_heap, tune_gc
 from producer.schema import TASK_NAME, task_message
 from producer.settings import Settings
 
 from . import logctx, metrics
-from .gctune import freeze_startup_heap, tune_gc
 from .jobs import JobRunner
 from .loop import get_loop
 from .prestart import PrestartThreads
