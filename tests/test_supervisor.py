@@ -7,9 +7,10 @@ import uuid
 
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from producer import Settings, keys
-from worker.supervisor import RESTOP_AFTER_S, ActiveJob, Supervisor
+from worker.supervisor import _RENEW_BATCH, RESTOP_AFTER_S, ActiveJob, Supervisor
 
 
 def test_a_lost_cancellation_is_sent_again(stack_env: dict[str, str]) -> None:
@@ -91,3 +92,73 @@ def test_a_renewal_that_reaches_redis_after_the_ending_leaves_the_running_index_
     assert results == [(0, 0), (1, 0)]
     assert ended_score is None  # not put back
     assert live_score is not None and live_score > 1.0  # moved on to the new lease's end
+
+
+def test_a_renewal_round_of_many_jobs_goes_out_in_batches(stack_env: dict[str, str]) -> None:
+    """More jobs than one batch: each gets its own answer, in order, and the leases
+    still held are renewed (their running-index deadline moved on)."""
+    settings = Settings.from_env(stack_env)
+    tag = uuid.uuid4().hex[:8]
+    ids = [f"batch-renew-{tag}-{i}" for i in range(_RENEW_BATCH * 2 + 17)]
+
+    async def main() -> tuple[list[tuple[int, int]], list[int], list[float | None]]:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        supervisor = Supervisor(r, settings, lambda *_: None)
+        task = asyncio.ensure_future(asyncio.sleep(30))
+        jobs = [ActiveJob(job_id, "owner", task) for job_id in ids]
+        try:
+            for i, job_id in enumerate(ids):
+                if i % 2 == 0:  # odd ones lost their lease
+                    await r.set(keys.lease_key(job_id), "owner", ex=600)
+                    await r.zadd(keys.RUNNING_INDEX, {job_id: 1.0})
+            await r.set(keys.cancel_key(ids[4]), "1", ex=60)
+            results = await supervisor._renew(jobs)
+            ttls = [await r.pttl(keys.lease_key(job_id)) for job_id in ids]
+            scores = [await r.zscore(keys.RUNNING_INDEX, job_id) for job_id in ids]
+            return results, ttls, scores
+        finally:
+            task.cancel()
+            await r.zrem(keys.RUNNING_INDEX, *ids)
+            for job_id in ids:
+                await r.delete(keys.lease_key(job_id), keys.job_key(job_id))
+            await r.delete(keys.cancel_key(ids[4]))
+            await r.aclose()
+
+    results, ttls, scores = asyncio.run(main())
+    assert results == [(int(i % 2 == 0), int(i == 4)) for i in range(len(ids))]
+    lease_ms = settings.lease_ttl_s * 1000
+    assert all(0 < ttl <= lease_ms for ttl in ttls[::2])  # 600 s cut to the lease
+    assert all(ttl == -2 for ttl in ttls[1::2])  # not re-created
+    assert all(s is not None and s > 1.0 for s in scores[::2])
+    assert all(s is None for s in scores[1::2])
+
+
+def test_one_failed_renewal_fails_the_round_not_the_others(stack_env: dict[str, str]) -> None:
+    """A renewal Redis refuses (a key of the wrong type) fails the round, which the
+    supervisor retries; the other jobs of the round are renewed all the same."""
+    settings = Settings.from_env(stack_env)
+    tag = uuid.uuid4().hex[:8]
+    bad, good = f"bad-renew-{tag}", f"good-renew-{tag}"
+
+    async def main() -> tuple[int, list[tuple[int, int]]]:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        supervisor = Supervisor(r, settings, lambda *_: None)
+        task = asyncio.ensure_future(asyncio.sleep(30))
+        try:
+            await r.hset(keys.lease_key(bad), "not", "a string")  # GET on it: WRONGTYPE
+            await r.set(keys.lease_key(good), "owner", ex=600)
+            jobs = [ActiveJob(bad, "owner", task), ActiveJob(good, "owner", task)]
+            with pytest.raises(ResponseError, match="WRONGTYPE"):
+                await supervisor._renew(jobs)
+            renewed_ttl = await r.pttl(keys.lease_key(good))
+            await r.delete(keys.lease_key(bad))
+            return renewed_ttl, await supervisor._renew(jobs)  # the next round works
+        finally:
+            task.cancel()
+            await r.zrem(keys.RUNNING_INDEX, bad, good)
+            await r.delete(keys.lease_key(bad), keys.lease_key(good))
+            await r.aclose()
+
+    renewed_ttl, again = asyncio.run(main())
+    assert 0 < renewed_ttl <= settings.lease_ttl_s * 1000
+    assert again == [(0, 0), (1, 0)]

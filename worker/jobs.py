@@ -78,7 +78,9 @@ class JobRunner:
             ActorResult(finish_reason="error").to_json(),
         )
         self.publisher = Publisher(self.redis, settings)
-        self.supervisor = Supervisor(self.redis, settings, requeue)
+        self.supervisor = Supervisor(
+            self.redis, settings, requeue, run_script=self.publisher.run_script
+        )
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
         self.provider_retries = int(os.environ.get("ACTORQ_PROVIDER_RETRIES", "3"))
         self.stall_timeout_ms = int(os.environ.get("ACTORQ_STALL_TIMEOUT_MS", "120000"))

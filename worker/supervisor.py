@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,11 +30,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from producer import keys, scripts
 from producer.settings import Settings, env_number
 
-__all__ = ["ActiveJob", "Requeue", "Supervisor", "sweep_interval_from_env"]
+from .publisher import Publisher, ScriptArg
+
+__all__ = ["ActiveJob", "Requeue", "RunScript", "Supervisor", "sweep_interval_from_env"]
 
 #: Sends a job again: ``requeue(job_id, queue)``; ``queue`` is ``""`` when unknown.
 #: ``requeue(job_id, queue, actor)`` sends a job's message again.
 Requeue = Callable[[str, str, str], None]
+
+#: Runs a Lua script in a shared pipeline: ``run_script(source, keys, args)`` -> its
+#: reply's future (:meth:`worker.publisher.Publisher.run_script`).
+RunScript = Callable[[str, Sequence[str], Sequence[ScriptArg]], "asyncio.Future[Any]"]
 
 
 def sweep_interval_from_env() -> float:
@@ -50,6 +56,10 @@ log = logging.getLogger("actorq.supervisor")
 #: A stopped attempt still running this long after its task was cancelled is
 #: cancelled again (a normal stop takes milliseconds).
 RESTOP_AFTER_S = 1.0
+
+#: Renewals queued per turn of the loop: ~2 ms of work, so a round of a thousand
+#: jobs never holds the tokens of every stream for longer than that.
+_RENEW_BATCH = 100
 
 
 @dataclass(eq=False)
@@ -73,12 +83,16 @@ class Supervisor:
         settings: Settings,
         requeue: Requeue,
         *,
+        run_script: RunScript | None = None,
         poll_s: float = 0.25,
         sweep_s: float | None = None,
     ) -> None:
+        """``run_script``: the process's publisher's, so renewals share its pipelines
+        (default: a publisher of the supervisor's own on ``redis``)."""
         self._redis = redis
         self._settings = settings
         self._requeue = requeue
+        self._run_script = run_script or Publisher(redis, settings).run_script
         self._poll_s = poll_s
         self._sweep_s = sweep_interval_from_env() if sweep_s is None else sweep_s
         self._jobs: dict[str, ActiveJob] = {}
@@ -155,26 +169,35 @@ class Supervisor:
                 job.task.cancel()
 
     async def _renew(self, jobs: list[ActiveJob]) -> list[tuple[int, int]]:
-        """Renew every lease and read every cancel flag: ``(held, cancel)`` per job."""
+        """Renew every lease and read every cancel flag: ``(held, cancel)`` per job.
+
+        Each renewal is a hand-packed EVALSHA in the publisher's pipelines, queued
+        ``_RENEW_BATCH`` at a time with the loop let go in between: a redis-py
+        pipeline of one EVAL per job held the loop 20 ms in one stretch for 1,000
+        jobs (every stream's tokens with it), every ``lease_ttl / 3``.
+        """
         s = self._settings
-        pipe = self._redis.pipeline(transaction=False)
-        deadline = time.time() + s.lease_ttl_s
-        for job in jobs:
-            pipe.eval(
-                scripts.RENEW,
-                4,
-                keys.lease_key(job.job_id),
-                keys.cancel_key(job.job_id),
-                keys.job_key(job.job_id),
-                keys.RUNNING_INDEX,
-                job.owner,
-                s.lease_ttl_s * 1000,
-                s.retention_s,
-                deadline,
-                job.job_id,
-            )
-        results = await pipe.execute()
-        return [(int(r[0]), int(r[1])) for r in results]
+        # The same for every job of the round: encoded once.
+        shared = [
+            str(s.lease_ttl_s * 1000).encode(),
+            str(s.retention_s).encode(),
+            repr(time.time() + s.lease_ttl_s).encode(),
+        ]
+        run, index = self._run_script, keys.RUNNING_INDEX
+        calls: list[asyncio.Future[Any]] = []
+        for start in range(0, len(jobs), _RENEW_BATCH):
+            if start:
+                await asyncio.sleep(0)
+            for job in jobs[start : start + _RENEW_BATCH]:
+                job_id = job.job_id
+                calls.append(
+                    run(
+                        scripts.RENEW,
+                        [keys.lease_key(job_id), keys.cancel_key(job_id), keys.job_key(job_id), index],
+                        [job.owner, *shared, job_id],
+                    )
+                )
+        return [(int(held), int(cancel)) for held, cancel in await _replies(calls)]
 
     async def sweep(self) -> int:
         """Send again the running jobs whose lease expired; return how many."""
@@ -221,3 +244,25 @@ class Supervisor:
             return False
         log.warning("job %s: its attempt was lost (worker gone or lease lapsed); requeued", job_id)
         return True
+
+
+async def _replies(calls: list[asyncio.Future[Any]]) -> list[Any]:
+    """Every call's reply, in order; the first error once all have settled.
+
+    Waiting on each in turn: one pipeline answers them all at once, so this
+    suspends about once, where a ``gather`` would add a callback per call.
+    """
+    out: list[Any] = []
+    error: BaseException | None = None
+    try:
+        for call in calls:
+            try:
+                out.append(await call)
+            except Exception as exc:  # each call's own error; a cancel of this task goes on up
+                error = error or exc
+    finally:
+        for call in calls:
+            call.cancel()  # a no-op once settled; the publisher drops a cancelled call's reply
+    if error is not None:
+        raise error
+    return out
