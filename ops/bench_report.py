@@ -97,6 +97,9 @@ def capacity(res: dict[str, Any]) -> dict[str, Any]:
             return None
         return cores(sum(float(x) for x in parts if x is not None), rate)
 
+    def per_core(us_per_token: float | None) -> float | None:
+        return 1e6 / us_per_token if us_per_token else None
+
     floor_cores = cores(floor["cpu_us_per_token"], load_rate)
     return {
         "load_nominal_tokens_per_s": load_rate,
@@ -109,6 +112,10 @@ def capacity(res: dict[str, Any]) -> dict[str, Any]:
         # Worker, router and Redis together, against the machine's CPUs.
         "load_machine_cores": machine(load, load_rate),
         "fanin_machine_cores": machine(fanin, fanin_rate),
+        # Redis runs commands on one core: the tokens per second one Redis carries
+        # for a whole fleet, each written once and tailed once, at these costs.
+        "redis_core_tokens_per_s_load": per_core(load.get("redis_cpu_us_per_token")),
+        "redis_core_tokens_per_s_fanin": per_core(fanin.get("redis_cpu_us_per_token")),
     }
 
 
@@ -206,7 +213,9 @@ def render(res: dict[str, Any]) -> str:
         f"below {_f(cap['worker_ceiling_vs_floor'])}x the floor; actorq's worker took "
         f"{_f(cap['worker_cores_at_load_rate'])} core; worker + router + Redis took "
         f"{_f(cap['load_machine_cores'])} (load) and {_f(cap['fanin_machine_cores'])} "
-        f"(fan-in) of the machine's {m.get('cpus')} CPUs."
+        f"(fan-in) of the machine's {m.get('cpus')} CPUs. One Redis core carries "
+        f"~{_f(cap['redis_core_tokens_per_s_load'], 0)} tokens/s at the load's cost per "
+        f"token, ~{_f(cap['redis_core_tokens_per_s_fanin'], 0)} at the fan-in's."
     )
     seconds = [x for x in load.get("timeline", []) if x["lag_p50_ms"] is not None]
     if seconds:

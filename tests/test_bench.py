@@ -105,6 +105,8 @@ def test_capacity_is_cores_at_the_nominal_rates() -> None:
     assert cap["worker_cores_at_load_rate"] == pytest.approx(0.9)
     assert cap["load_machine_cores"] == pytest.approx(1.65)  # (60 + 30 + 20) x 15,000/s
     assert cap["fanin_machine_cores"] is None  # a part not measured: no total
+    assert cap["redis_core_tokens_per_s_load"] == pytest.approx(50_000)  # 1 s / 20 us
+    assert cap["redis_core_tokens_per_s_fanin"] is None
     res["options"]["delay_ms"] = 0  # no nominal rate: nothing to divide by
     assert capacity(res)["floor_cores_at_load_rate"] is None
 
