@@ -147,11 +147,8 @@ class Executor:
                     event = await step()
                 except StopAsyncIteration:
                     break
-                except asyncio.CancelledError:
-                    passed = guard.limit_passed()
-                    if passed is None:
-                        raise  # cancelled from outside
-                    raise passed from None
+                except asyncio.CancelledError as exc:
+                    guard.raise_cancelled(exc)
                 finally:
                     end()
                 yield event

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from ..errors import LimitExceeded
 
@@ -62,18 +62,15 @@ class Guard:
     async def next(self, source: AsyncIterator[T]) -> T:
         """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes.
 
-        The same as :meth:`begin`, the await, :meth:`limit_passed` on a cancel and
+        The same as :meth:`begin`, the await, :meth:`raise_cancelled` on a cancel and
         :meth:`end`, which a caller on the token path writes out to save a
         coroutine per event.
         """
         self.begin()
         try:
             return await source.__anext__()
-        except asyncio.CancelledError:
-            passed = self.limit_passed()
-            if passed is None:
-                raise  # cancelled from outside
-            raise passed from None
+        except asyncio.CancelledError as exc:
+            self.raise_cancelled(exc)
         finally:
             self._waiting = False
 
@@ -94,14 +91,12 @@ class Guard:
         """The wait is over (whatever it ended with)."""
         self._waiting = False
 
-    def limit_passed(self) -> LimitExceeded | None:
-        """After a ``CancelledError`` in a wait: the limit the guard cancelled for, else None.
-
-        Uncancels the task when it was the guard's own cancel.
-        """
+    def raise_cancelled(self, cancel: asyncio.CancelledError) -> NoReturn:
+        """For a ``CancelledError`` in a wait: raise the limit the guard cancelled for
+        (uncancelling the task), or ``cancel`` itself when it came from outside."""
         if self._expired is None or self._task is None or self._task.uncancel() > 0:
-            return None
-        return self._exceeded(self._expired)
+            raise cancel
+        raise self._exceeded(self._expired) from None
 
     def _exceeded(self, limit: str) -> LimitExceeded:
         if limit == "timeout_ms":
