@@ -7,6 +7,7 @@ import contextlib
 from decimal import Decimal
 from typing import Any
 
+import langchain_openai  # noqa: F401  (imported here, not inside a timed run: ~3 s cold)
 import pytest
 
 from producer import InvalidInput
