@@ -182,8 +182,9 @@ def test_limits_stop_a_graph_inside_its_nodes(openai_server: FakeOpenAI) -> None
 # -- cancellation --------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", ["pulled", "pushed"])
 def test_cancelling_an_execution_closes_the_stream_and_keeps_the_partial_result(
-    openai_server: FakeOpenAI,
+    openai_server: FakeOpenAI, path: str
 ) -> None:
     m = openai_server.script(model("cancel"), Reply(text="a b c d e f g h", chunk_delay_s=0.2))
     ex = create_executor(llm(m), creds(openai_server))
@@ -192,6 +193,9 @@ def test_cancelling_an_execution_closes_the_stream_and_keeps_the_partial_result(
         got: list[str] = []
 
         async def consume() -> None:
+            if path == "pushed":  # the worker's way: Executor.stream_to
+                await ex.stream_to("go", lambda text, node: got.append(text), lambda e: None)
+                return
             async for token in ex.execute_stream("go"):
                 got.append(token)
 

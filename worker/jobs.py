@@ -8,7 +8,7 @@ a worker that lost its claim writes nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
 import os
 import random
@@ -245,21 +245,16 @@ class JobRunner:
         tries = 0
         base, started = executor.limits, time.monotonic()
         spent: list[ActorResult] = []  # results of the tries that failed: their budget is gone
+        publisher = self.publisher
+        on_token = functools.partial(publisher.publish_token, channel)
+
+        def on_event(event: RunEvent) -> bool:
+            return publisher.publish(channel, _event_fields(event))
+
         while True:
-            emitted = 0
+            queued = channel.queued
             try:
-                # aclosing: leaving early (stream cap, lease lost) closes the model's stream now.
-                stream = executor.events(message)
-                publish, publish_token = self.publisher.publish, self.publisher.publish_token
-                async with contextlib.aclosing(stream) as events:
-                    async for event in events:
-                        if event.type == "token":
-                            publish_token(channel, event.text, event.node)
-                        else:
-                            publish(channel, _event_fields(event))
-                        emitted += 1
-                        if channel.stopped:
-                            break
+                await executor.stream_to(message, on_token, on_event)
                 return JobStatus.SUCCEEDED, None, None
             except LimitExceeded as exc:
                 status = JobStatus.TIMED_OUT if exc.timed_out else JobStatus.LIMIT_EXCEEDED
@@ -294,7 +289,7 @@ class JobRunner:
                     timed_out = spent_out.timed_out
                     status = JobStatus.TIMED_OUT if timed_out else JobStatus.LIMIT_EXCEEDED
                     return status, str(spent_out), type(spent_out).__name__
-                if emitted:
+                if channel.queued > queued:  # the failed try published: readers drop it
                     self.publisher.publish(
                         channel,
                         [

@@ -66,6 +66,11 @@ class JobChannel:
     def stopped(self) -> bool:
         return self.lost or self.capped
 
+    @property
+    def queued(self) -> int:
+        """Entries queued on this channel so far, written or not."""
+        return self.next_seq - 1 + len(self.pending)
+
 
 @dataclass(eq=False)
 class _ScriptCall:
@@ -119,26 +124,32 @@ class Publisher:
     def open(self, job_id: str, owner: str) -> JobChannel:
         return JobChannel(job_id, owner)
 
-    def publish(self, channel: JobChannel, fields: Sequence[str]) -> None:
-        """Queue one entry (flat field/value list: ``type``, its kind, ...); never blocks."""
+    def publish(self, channel: JobChannel, fields: Sequence[str]) -> bool:
+        """Queue one entry (flat field/value list: ``type``, its kind, ...); never blocks.
+
+        Returns whether the channel has stopped (lease lost, stream full): nothing
+        more of this attempt will be written, so its producer can stop.
+        """
         if channel.stopped:
-            return
+            return True
         kind = fields[1]
         if self._stamp and kind == "token":
             fields = [*fields, "ts", f"{time.time():.6f}"]
         # Encoded now, one C call per string, so a batch is a join of its entries.
         self._queue(channel, "[" + ",".join(map(encode_basestring, fields)) + "]", kind)
+        return False
 
-    def publish_token(self, channel: JobChannel, text: str, node: str) -> None:
+    def publish_token(self, channel: JobChannel, text: str, node: str) -> bool:
         """:meth:`publish` of ``type token text <text> node <node>``, its constant part pre-encoded."""
         if channel.stopped:
-            return
+            return True
         entry = '["type","token","text",' + encode_basestring(text) + ',"node",'
         if self._stamp:
             entry += encode_basestring(node) + ',"ts","' + f"{time.time():.6f}" + '"]'
         else:
             entry += encode_basestring(node) + "]"
         self._queue(channel, entry, "token")
+        return False
 
     def _queue(self, channel: JobChannel, entry: str, kind: str) -> None:
         if not self._dirty:

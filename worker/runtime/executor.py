@@ -2,16 +2,17 @@
 
 An :class:`Executor` is built once per job from a validated config; it holds
 the credentials in memory only, never writes them into the config, and runs any
-number of independent executions. ``events()`` is the rich stream the worker
-publishes (tokens tagged with their node, node boundaries, tool calls);
-``execute_stream()`` is its token-only view and ``execute()`` the buffered one.
+number of independent executions. ``events()`` is the rich stream (tokens tagged
+with their node, node boundaries, tool calls); ``stream_to()`` pushes the same
+events into callbacks, which is how the worker publishes them;
+``execute_stream()`` is the token-only view and ``execute()`` the buffered one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
@@ -37,7 +38,12 @@ from .providers import build_chat_model, provider_error
 from .run import Run, RunEvent
 from .scrub import scrub, secret_values
 
-__all__ = ["Executor", "RunEvent", "create_executor"]
+__all__ = ["EventSink", "Executor", "RunEvent", "TokenSink", "create_executor"]
+
+#: Takes each token of :meth:`Executor.stream_to` as ``(text, node)``; a true return stops the run.
+TokenSink = Callable[[str, str], object]
+#: Takes every other event of :meth:`Executor.stream_to`; a true return stops the run.
+EventSink = Callable[[RunEvent], object]
 
 
 def create_executor(
@@ -129,30 +135,65 @@ class Executor:
 
     async def events(self, message: str) -> AsyncGenerator[RunEvent, None]:
         """Every event of one execution, with ``timeout_ms`` and the stall guard enforced."""
-        if not isinstance(message, str):
-            raise TypeError(f"message must be a str, not {type(message).__name__}")
+        _check_message(message)
         from . import actors
 
         run = Run(self.limits, self.pricing)
         self.last_result = None
         inner: Any = actors.drive(self, run, message)
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
-        # Guard.next written out: this loop runs once per token, and a coroutine per
-        # event cost more than the guard's own bookkeeping.
-        step, begin, end = inner.__anext__, guard.begin, guard.end
+        with self._settle(run):
+            try:
+                while True:
+                    try:
+                        event = await guard.next(inner)
+                    except StopAsyncIteration:
+                        break
+                    yield event
+                self.last_result = run.result()
+            finally:
+                guard.close()
+                with contextlib.suppress(Exception):
+                    await inner.aclose()
+
+    async def stream_to(self, message: str, on_token: TokenSink, on_event: EventSink) -> None:
+        """Run as :meth:`events` does, pushing each token to ``on_token(text, node)`` and
+        every other event to ``on_event(event)``; ``last_result`` holds the result.
+
+        A sink that returns true stops the run, as closing the :meth:`events` stream
+        does (``finish_reason`` ``cancelled``). For an ``llm`` actor nothing stands
+        between the model's stream and ``on_token``: each async generator on a
+        token's way cost about a microsecond of CPU per token, and the worker
+        publishes hundreds of thousands of tokens a minute.
+        """
+        _check_message(message)
+        config = self.config
+        if isinstance(config, AgentConfig | GraphConfig):
+            async with contextlib.aclosing(self.events(message)) as events:
+                async for event in events:
+                    if event.type == "token":
+                        if on_token(event.text, event.node):
+                            return
+                    elif on_event(event):
+                        return
+            return
+        run = Run(self.limits, self.pricing)
+        self.last_result = None
+        guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
+        with self._settle(run):
+            try:
+                stopped = await self._push_model(
+                    run, config, self.messages_for(config, message), guard, on_token
+                )
+            finally:
+                guard.close()
+            self.last_result = run.result("cancelled") if stopped else run.result()
+
+    @contextlib.contextmanager
+    def _settle(self, run: Run) -> Iterator[None]:
+        """Set ``last_result`` for a run that ends in an exception, typed as callers expect."""
         try:
-            while True:
-                begin()
-                try:
-                    event = await step()
-                except StopAsyncIteration:
-                    break
-                except asyncio.CancelledError as exc:
-                    guard.raise_cancelled(exc)
-                finally:
-                    end()
-                yield event
-            self.last_result = run.result()
+            yield
         except LimitExceeded as exc:
             reason = "timeout" if exc.timed_out else "limit"
             self.last_result = run.result(reason, str(exc))
@@ -169,10 +210,55 @@ class Executor:
             err = ActorError(self.scrub(f"{type(exc).__name__}: {exc}"))
             self.last_result = run.result("error", str(err))
             raise err from None
+
+    async def _push_model(
+        self,
+        run: Run,
+        cfg: LLMConfig,
+        messages: list[BaseMessage],
+        guard: Guard,
+        on_token: TokenSink,
+    ) -> bool:
+        """:meth:`stream_model` for an ``llm`` actor, its tokens pushed to ``on_token``
+        under ``guard``; True when ``on_token`` stopped it."""
+        node, model = cfg.name, self.chat_model(cfg)
+        call = _ModelCall(run, node, cfg, messages)
+        stream = model.astream(messages)
+        # Bound once: this loop runs once per token, and Guard.next written out, as a
+        # coroutine per token cost more than the guard's own bookkeeping.
+        step, begin, end = stream.__anext__, guard.begin, guard.end
+        keep, count = call.parts.append, run.on_token
+        costed = run.limits.max_cost_usd is not None
+        try:
+            while True:
+                begin()
+                try:
+                    chunk = await step()
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError as exc:
+                    guard.raise_cancelled(exc)
+                except (ProviderError, LimitExceeded):
+                    raise
+                except Exception as exc:
+                    raise provider_error(exc, self._secrets) from None
+                finally:
+                    end()
+                text = chunk.content
+                for piece in (text,) if isinstance(text, str) else _block_texts(text):
+                    if piece:
+                        keep(piece)
+                        count(piece)
+                        if on_token(piece, node):
+                            return True
+                        if costed:
+                            run.check_cost()
+                call.see(chunk)
         finally:
-            guard.close()
             with contextlib.suppress(Exception):
-                await inner.aclose()
+                await stream.aclose()
+        call.end()
+        return False
 
     # -- building blocks for actors -----------------------------------------------------
 
@@ -201,14 +287,9 @@ class Executor:
         """
         if model is None:
             model = self.chat_model(cfg)
-        prompt = _prompt_text(messages)
-        run.begin_model_call(node, cfg.provider, cfg.model, prompt)
-        parts: list[str] = []
-        usage: Any = None
-        tool_chunks: list[Any] = []
-        finish: str | None = None
+        call = _ModelCall(run, node, cfg, messages)
         # Bound once: this loop runs once per token.
-        keep, on_token = parts.append, run.on_token
+        keep, on_token = call.parts.append, run.on_token
         costed = run.limits.max_cost_usd is not None
         try:
             async for chunk in model.astream(messages):
@@ -223,34 +304,57 @@ class Executor:
                         # published, so the stream and the partial result agree.
                         if costed:
                             run.check_cost()
-                if chunk.usage_metadata:
-                    usage = chunk.usage_metadata
-                if chunk.tool_call_chunks:
-                    tool_chunks.append(chunk)
-                fr = (
-                    chunk.response_metadata.get("finish_reason")
-                    if chunk.response_metadata
-                    else None
-                )
-                if fr:
-                    finish = fr
+                call.see(chunk)
         except ProviderError:
             raise
         except (asyncio.CancelledError, GeneratorExit, LimitExceeded):
             raise
         except Exception as exc:
             raise provider_error(exc, self._secrets) from None
-        output = "".join(parts)
-        run.end_model_call(usage, output)
+        reply.append(call.end())
+
+
+class _ModelCall:
+    """One model call's text, usage, tool-call chunks and finish reason as chunks arrive."""
+
+    __slots__ = ("finish", "parts", "run", "tool_chunks", "usage")
+
+    def __init__(self, run: Run, node: str, cfg: LLMConfig, messages: list[BaseMessage]) -> None:
+        run.begin_model_call(node, cfg.provider, cfg.model, _prompt_text(messages))
+        self.run = run
+        self.parts: list[str] = []
+        self.usage: Any = None
+        self.tool_chunks: list[Any] = []
+        self.finish: str | None = None
+
+    def see(self, chunk: Any) -> None:
+        """Take what a chunk carries besides its text."""
+        if chunk.usage_metadata:
+            self.usage = chunk.usage_metadata
+        if chunk.tool_call_chunks:
+            self.tool_chunks.append(chunk)
+        fr = chunk.response_metadata.get("finish_reason") if chunk.response_metadata else None
+        if fr:
+            self.finish = fr
+
+    def end(self) -> AIMessage:
+        """Account the finished call; the full reply."""
+        output = "".join(self.parts)
+        self.run.end_model_call(self.usage, output)
         tool_calls: list[Any] = []
-        if tool_chunks:
-            merged = tool_chunks[0]
-            for c in tool_chunks[1:]:
+        if self.tool_chunks:
+            merged = self.tool_chunks[0]
+            for c in self.tool_chunks[1:]:
                 merged = merged + c
             tool_calls = list(merged.tool_calls)
-        if finish == "length":
-            run.finish_reason = "length"
-        reply.append(AIMessage(content=output, tool_calls=tool_calls))
+        if self.finish == "length":
+            self.run.finish_reason = "length"
+        return AIMessage(content=output, tool_calls=tool_calls)
+
+
+def _check_message(message: object) -> None:
+    if not isinstance(message, str):
+        raise TypeError(f"message must be a str, not {type(message).__name__}")
 
 
 def _block_texts(content: list[Any]) -> list[str]:

@@ -63,8 +63,8 @@ class Guard:
         """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes.
 
         The same as :meth:`begin`, the await, :meth:`raise_cancelled` on a cancel and
-        :meth:`end`, which a caller on the token path writes out to save a
-        coroutine per event.
+        :meth:`end`, which the worker's token path (``Executor._push_model``) writes
+        out to save a coroutine per token.
         """
         self.begin()
         try:
