@@ -11,7 +11,7 @@ import os
 from kombu import Queue
 
 from producer import broker
-from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options, env_number
+from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options, env_flag, env_number
 from producer.settings import broker_transport_options as _transport_options_for
 
 #: ``redis://`` brokers use kombu's Redis transport with one client per channel.
@@ -81,8 +81,11 @@ worker_pool = "threads"
 worker_concurrency = env_number("ACTORQ_CONCURRENCY", 200, int)
 
 #: Task events for Flower; argsrepr / kwargsrepr carry only the job id and actor name.
-worker_send_task_events = True
-task_send_sent_event = True
+#: ``ACTORQ_TASK_EVENTS=0`` turns them off, in workers and in enqueuers alike: an
+#: enqueue then costs ~400 us of CPU instead of ~500 (no ``task-sent`` event), a job
+#: 0.05-0.1 ms of a worker's ~1.1 ms less. Flower then lists the workers, no tasks.
+worker_send_task_events = env_flag("ACTORQ_TASK_EVENTS", True)
+task_send_sent_event = worker_send_task_events
 
 #: Leave the root logger to the application (structured job logs).
 worker_hijack_root_logger = False

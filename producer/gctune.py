@@ -42,6 +42,8 @@ import gc
 import os
 from collections.abc import Iterator, Mapping
 
+from .settings import env_flag
+
 __all__ = [
     "DEFAULT_GC_THRESHOLD",
     "freeze_startup_heap",
@@ -92,10 +94,7 @@ def freeze_startup_heap(env: Mapping[str, str] | None = None) -> int:
     (0 when ``ACTORQ_GC_FREEZE=0``). Frozen objects are still freed normally
     when their reference count drops; only cycle detection skips them.
     """
-    raw = (os.environ if env is None else env).get("ACTORQ_GC_FREEZE", "1").strip()
-    if raw not in ("0", "1", ""):
-        raise ValueError(f"ACTORQ_GC_FREEZE must be 0 or 1, got {raw!r}")
-    if raw == "0":
+    if not env_flag("ACTORQ_GC_FREEZE", True, env):
         return 0
     gc.collect()  # what is garbage now is freed, not frozen
     gc.freeze()

@@ -12,6 +12,7 @@ __all__ = [
     "Settings",
     "broker_ssl_options",
     "broker_transport_options",
+    "env_flag",
     "env_number",
     "redis_tls_options",
 ]
@@ -21,9 +22,7 @@ N = TypeVar("N", int, float)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def env_number(
-    name: str, default: N, kind: type[N], env: Mapping[str, str] | None = None
-) -> N:
+def env_number(name: str, default: N, kind: type[N], env: Mapping[str, str] | None = None) -> N:
     """``name`` from ``env`` (the process environment by default) as ``kind``.
 
     Unset or blank: ``default``. Not a number: ``ValueError`` naming the variable;
@@ -37,6 +36,19 @@ def env_number(
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+
+
+def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
+    """``name`` from ``env`` (the process environment by default) as a switch: ``1`` or ``0``.
+
+    Unset or blank: ``default``. Anything else: ``ValueError`` naming the variable.
+    """
+    raw = (os.environ if env is None else env).get(name, "").strip()
+    if not raw:
+        return default
+    if raw not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
+    return raw == "1"
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
