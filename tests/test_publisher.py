@@ -352,6 +352,31 @@ def test_a_token_queued_by_publish_token_is_the_entry_publish_would_queue(
         assert (fields[6:7] == ["ts"]) == (stamp == "1")
 
 
+def test_a_channel_counts_its_entries_while_a_pipeline_holds_them(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """A retry publishes ``reset`` when its failed try queued anything: in flight counts."""
+    job_id = f"queued-{uuid.uuid4().hex}"
+    settings = Settings.from_env(stack_env)
+
+    async def main() -> None:
+        r = redis.asyncio.Redis.from_url(settings.redis_url)
+        await r.set(keys.lease_key(job_id), "owner", ex=60)
+        pub = Publisher(r, settings)
+        ch = pub.open(job_id, "owner")
+        pub.publish_token(ch, "a", "n")
+        pub.publish(ch, ["type", "node_end", "node", "n"])
+        await asyncio.sleep(0)  # the flusher takes both and waits for Redis's reply
+        assert ch.pending == [] and ch.next_seq == 1  # in flight: in neither
+        assert ch.queued == 2
+        await asyncio.wait_for(pub.drain(ch), 10)
+        assert ch.queued == 2 and ch.published == 2
+        await r.delete(keys.lease_key(job_id), keys.events_key(job_id), keys.job_key(job_id))
+        await r.aclose()
+
+    asyncio.run(main())
+
+
 def test_evalsha_packs_what_redis_py_packs_and_names_the_script_as_redis_does() -> None:
     import hashlib
 

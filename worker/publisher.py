@@ -56,6 +56,9 @@ class JobChannel:
     lost: bool = False  # lease lost: another attempt owns the job now
     capped: bool = False  # the stream reached ACTORQ_STREAM_MAX_EVENTS
     published: int = 0
+    # Entries ever queued, written, in flight or pending: a pipeline in flight holds
+    # its entries in neither ``pending`` nor ``next_seq``, so this is counted, not derived.
+    queued: int = 0
     packed: bytes = b""  # this job's constant EVALSHA arguments, RESP-encoded once
     unwritten: bool = False  # entries queued or in flight, not yet acknowledged
     # Made only when someone drains a channel with entries still pending: a job
@@ -65,11 +68,6 @@ class JobChannel:
     @property
     def stopped(self) -> bool:
         return self.lost or self.capped
-
-    @property
-    def queued(self) -> int:
-        """Entries queued on this channel so far, written or not."""
-        return self.next_seq - 1 + len(self.pending)
 
 
 @dataclass(eq=False)
@@ -156,6 +154,7 @@ class Publisher:
             self._dirty_since = time.monotonic()
         channel.pending.append(entry)
         channel.kinds.append(kind)
+        channel.queued += 1
         channel.unwritten = True
         self._dirty[channel] = None
         if self._flusher is None:
