@@ -193,7 +193,7 @@ def render(res: dict[str, Any]) -> str:
         f"{_f(split.get('stored_to_tailer'))}.\n"
         f"Floor (a) CPU per token, run before and after the load: "
         f"{' / '.join(_f(x, 1) for x in floor.get('cpu_us_per_token_runs', []))} us "
-        f"(the mean is the floor).\n"
+        f"(the mean is the floor).{_rounds(load)}\n"
         f"Worker CPU per job (claim, build, finish, Celery): {_f(per_job)} ms; per token "
         f"without it: {_f(steady, 1)} us ({_f(_ratio(steady, floor['cpu_us_per_token']))}x "
         f"floor).\n"
@@ -236,6 +236,21 @@ def render(res: dict[str, Any]) -> str:
     failed = [k for k in ("load", "fanin", "naive", "prefork") if res[k]["succeeded"] < res[k]["jobs"]]
     warn = f"\nWARNING: unfinished jobs in {', '.join(failed)}" if failed else ""
     return f"\n{t}\n\n{p}\n\n{notes}{warn}"
+
+
+def _rounds(load: dict[str, Any]) -> str:
+    rounds = load.get("rounds") or []
+    if len(rounds) < 2:
+        return ""
+    each = ", ".join(
+        f"{_f(r['cpu_vs_floor'])} ({_f(r['worker_cpu_us_per_token'], 1)} / "
+        f"{_f(r['floor_cpu_us_per_token'], 1)} us)"
+        for r in rounds
+    )
+    return (
+        f"\nCPU vs floor by round, worker / floor: {each}; the tables give round "
+        f"{load['reported_round']}, the median."
+    )
 
 
 def _model(machine: dict[str, Any]) -> str:

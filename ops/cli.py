@@ -193,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail-tokens", type=int, help="tokens per fan-in job (150)")
     p.add_argument("--tail-delay-ms", type=float, help="inter-token delay, fan-in (100)")
     p.add_argument("--prefork", type=int, help="children of the prefork peer (4)")
+    p.add_argument(
+        "--rounds", type=int, help="load runs, each between two floor runs; median reported (3)"
+    )
     p.add_argument("--no-uvloop", action="store_true", help="plain asyncio loops")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--out", default="bench-out", help="directory for JSON and PNG")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.bench import BenchOptions, bracket_floor, memory_tokens, run_bench
+from ops.bench import BenchOptions, bracket_floor, median_round, memory_tokens, run_bench
 from ops.bench_measure import JobTrace, all_streaming
 from ops.bench_peers import arrival_offsets
 from ops.bench_report import capacity
@@ -35,7 +35,7 @@ def _number(value: object) -> bool:
 
 def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     lines: list[str] = []
-    opts = BenchOptions.quick(out_dir=tmp_path)
+    opts = BenchOptions.quick(out_dir=tmp_path, rounds=2)
     results = run_bench(opts, out=lines.append)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["targets"] == json.loads(json.dumps(results["targets"]))
@@ -53,6 +53,11 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     runs = data["floor"]["cpu_us_per_token_runs"]  # measured before and after the load
     assert len(runs) == 2 and all(_number(x) for x in runs)
     assert data["floor"]["cpu_us_per_token"] == pytest.approx(sum(runs) / 2)
+    rounds = data["load"]["rounds"]  # floor, load, floor, load, floor
+    assert len(rounds) == 2 and data["load"]["reported_round"] in (1, 2)
+    reported = rounds[data["load"]["reported_round"] - 1]
+    assert reported["worker_cpu_us_per_token"] == data["load"]["cpu_us_per_token"]
+    assert reported["floor_cpu_us_per_token"] == data["floor"]["cpu_us_per_token"]
     assert sum(x["tokens"] for x in data["load"]["timeline"]) == data["load"]["tokens"]
     assert data["fanin"]["jobs"] == opts.tail_jobs
     assert 1 <= data["fanin"]["router_tail_connections"] <= 4
@@ -77,7 +82,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert (tmp_path / "bench-lag.png").stat().st_size > 1000
     text = "\n".join(lines)
     for label in ("floor (a)", "naive (b)", "prefork (c)", "token rate / nominal", "MiB",
-                  "Capacity at the nominal rates"):
+                  "Capacity at the nominal rates", "CPU vs floor by round", "(round 2 of 2)"):
         assert label in text
 
 
@@ -87,6 +92,21 @@ def test_the_floor_is_the_mean_of_its_two_runs() -> None:
     merged = bracket_floor(before, after)
     assert merged["cpu_us_per_token"] == 45.0 and merged["rate_fraction"] == pytest.approx(0.95)
     assert merged["tokens"] == 60 and merged["cpu_us_per_token_runs"] == [40.0, 50.0]
+
+
+def test_the_median_round_is_reported_with_the_floor_around_it() -> None:
+    floors = [{"cpu_us_per_token": x} for x in (20.0, 22.0, 30.0, 20.0)]
+    loads = [{"cpu_us_per_token": x, "round": i} for i, x in enumerate((42.0, 39.0, 30.0))]
+    # Ratios against the mean of the floors around each load: 2.0, 1.5, 1.2.
+    load, floor = median_round(loads, floors)
+    assert load["round"] == 1 and load["reported_round"] == 2
+    assert floor["cpu_us_per_token"] == 26.0 and floor["cpu_us_per_token_runs"] == [22.0, 30.0]
+    assert [r["cpu_vs_floor"] for r in load["rounds"]] == pytest.approx([2.0, 1.5, 1.2])
+    # Two rounds: the lower of the two.
+    load, _ = median_round(loads[:2], floors[:3])
+    assert load["reported_round"] == 2
+    with pytest.raises(ValueError, match="around each load"):
+        median_round(loads, floors[:3])
 
 
 def test_capacity_is_cores_at_the_nominal_rates() -> None:
@@ -117,6 +137,8 @@ def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> 
     assert "--jobs" in capsys.readouterr().err
     assert main(["bench", "--quick", "--jobs", "0"]) == 2
     assert "jobs must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--rounds", "0"]) == 2
+    assert "rounds must be a positive integer" in capsys.readouterr().err
     assert main(["bench", "--delay-ms", "-5"]) == 2
     assert "delay_ms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="tail_jobs"):
