@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import time
@@ -131,9 +132,21 @@ class Client:
         loop = asyncio.get_running_loop()
         client = self._aredis.get(loop)
         if client is None:
+            self._forget_closed_loops()
             client = aioredis.Redis.from_url(self.settings.redis_url, **self.settings.redis_options)
             self._aredis[loop] = client
         return client
+
+    def _forget_closed_loops(self) -> None:
+        """Drop the clients of loops that closed without :meth:`aclose`.
+
+        Their connections refer to their loop, so the weak keys alone never let
+        go: each ``asyncio.run`` would leave its pools (and sockets) behind. Dropped,
+        they are collected and their sockets closed.
+        """
+        for table in (self._aredis, self._tails):
+            for loop in [loop for loop in table if loop.is_closed()]:
+                del table[loop]
 
     @property
     def celery(self) -> Celery:
@@ -282,6 +295,7 @@ class Client:
 
     def wait_result(self, job_id: str, timeout: float | None = None) -> JobRecord:
         """Block until the job ends; :class:`JobTimeout` after ``timeout`` seconds."""
+        check_seconds("timeout", timeout)
         for event in self.stream_events(job_id, after=self._tail_id(job_id), timeout=timeout):
             if event.terminal:
                 break
@@ -290,6 +304,7 @@ class Client:
         return record
 
     async def await_result(self, job_id: str, timeout: float | None = None) -> JobRecord:
+        check_seconds("timeout", timeout)
         after = await asyncio.to_thread(self._tail_id, job_id)
         async for event in self.astream_events(job_id, after=after, timeout=timeout):
             if event.terminal:
@@ -319,15 +334,24 @@ class Client:
     ) -> Iterator[Event]:
         """Every event after entry id ``after``, in order, ending after the ``done`` event."""
         self._check_id(job_id)
-        _check_cursor(after)
+        check_cursor(after)
+        check_seconds("timeout", timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = keys.events_key(job_id)
         r = self.redis
-        if not r.exists(keys.job_key(job_id), stream):
+        pipe = r.pipeline(transaction=False)
+        pipe.exists(keys.job_key(job_id), stream)
+        pipe.hget(keys.job_key(job_id), "done_id")
+        found, done_id = pipe.execute()
+        if not found:
             raise JobNotFound(job_id)
+        if past_done(done_id, after):
+            return
+        # Each blocking read ends before the socket timeout would cut it.
+        socket_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
         cursor = after
         while True:
-            block = _block_ms(deadline)
+            block = _block_ms(deadline, socket_timeout)
             reply = r.xread({stream: cursor}, count=1000, block=block)
             if not reply:
                 if not r.exists(keys.job_key(job_id), stream):
@@ -351,13 +375,24 @@ class Client:
         a few connections, each reading many streams with one ``XREAD BLOCK``.
         """
         self._check_id(job_id)
-        _check_cursor(after)
+        check_cursor(after)
+        check_seconds("timeout", timeout)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         stream = keys.events_key(job_id)
         tail = self.tail
-        if not await tail.redis.exists(keys.job_key(job_id), stream):
-            raise JobNotFound(job_id)
+        if after == "0":
+            if not await tail.redis.exists(keys.job_key(job_id), stream):
+                raise JobNotFound(job_id)
+        else:  # a resumed tail: one past the ending has nothing left to read
+            pipe = tail.redis.pipeline(transaction=False)
+            pipe.exists(keys.job_key(job_id), stream)
+            pipe.hget(keys.job_key(job_id), "done_id")
+            found, done_id = await pipe.execute()
+            if not found:
+                raise JobNotFound(job_id)
+            if past_done(done_id, after):
+                return
         async with tail.subscribe(stream, after) as sub:
             while True:
                 wait = _BLOCK_MS / 1000
@@ -386,6 +421,7 @@ class Client:
         loop = asyncio.get_running_loop()
         tail = self._tails.get(loop)
         if tail is None:
+            self._forget_closed_loops()
             s = self.settings
             tail = Tail(s.redis_url, max_connections=s.tail_connections, **s.redis_options)
             self._tails[loop] = tail
@@ -426,9 +462,35 @@ class Client:
             raise InvalidInput("job_id", "must match [A-Za-z0-9_-]{1,64}")
 
 
-def _check_cursor(after: object) -> None:
+def check_cursor(after: object) -> None:
+    """``InvalidInput`` (field ``after``) unless ``after`` is a stream entry id."""
     if not keys.valid_entry_id(after):
         raise InvalidInput("after", "must be a stream entry id such as '0' or '1700000000000-0'")
+
+
+def check_seconds(field: str, value: object, *, positive: bool = False) -> None:
+    """``InvalidInput`` naming ``field`` unless ``value`` is None or a finite number of
+    seconds, at least 0 (above 0 with ``positive``)."""
+    if value is None and not positive:
+        return
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+        or (positive and value == 0)
+    ):
+        want = "a finite number of seconds above 0" if positive else "None or seconds >= 0"
+        raise InvalidInput(field, f"must be {want}, not {value!r}")
+
+
+def past_done(done_id: bytes | str | None, cursor: str) -> bool:
+    """True when a job's ``done_id`` is set and ``cursor`` is at or past it: a tail
+    from there would wait for an entry that never comes (nothing follows ``done``)."""
+    if not done_id or cursor == "0":
+        return False
+    done = done_id.decode() if isinstance(done_id, bytes) else done_id
+    return keys.entry_id_key(cursor) >= keys.entry_id_key(done)
 
 
 def _before(entry_id: str) -> str:
@@ -443,7 +505,10 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return list(reply[0][1])
 
 
-def _block_ms(deadline: float | None) -> int:
-    if deadline is None:
-        return _BLOCK_MS
-    return max(1, min(_BLOCK_MS, int((deadline - time.monotonic()) * 1000)))
+def _block_ms(deadline: float | None, socket_timeout: float | None = None) -> int:
+    block = _BLOCK_MS
+    if socket_timeout is not None:
+        block = min(block, int(socket_timeout * 500))  # half of it: the reply needs time too
+    if deadline is not None:
+        block = min(block, int((deadline - time.monotonic()) * 1000))
+    return max(1, block)

@@ -27,6 +27,7 @@ __all__ = [
     "PREFIX",
     "RUNNING_INDEX",
     "cancel_key",
+    "entry_id_key",
     "events_key",
     "idempotency_key",
     "job_key",
@@ -59,6 +60,12 @@ def valid_entry_id(entry_id: object) -> bool:
     if not isinstance(entry_id, str) or not _ENTRY_ID.fullmatch(entry_id):
         return False
     return all(int(part) <= _U64_MAX for part in entry_id.split("-"))
+
+
+def entry_id_key(entry_id: str) -> tuple[int, int]:
+    """A valid entry id as ``(ms, seq)``, to compare ids in stream order."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def job_key(job_id: str) -> str:

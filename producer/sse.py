@@ -41,7 +41,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from . import keys
-from .client import Client
+from .client import Client, check_cursor, check_seconds, past_done
 from .errors import InvalidInput, JobTimeout
 from .schema import Event
 
@@ -96,11 +96,6 @@ def resume_cursor(last_event_id: str | None, after: str | None = None) -> str:
     return "0"
 
 
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 def stream_finished(client: Client, job_id: str, cursor: str) -> bool:
     """True when the job has ended and ``cursor`` is at or past its ``done`` entry.
 
@@ -108,11 +103,8 @@ def stream_finished(client: Client, job_id: str, cursor: str) -> bool:
     reconnecting. Raises :class:`~producer.JobNotFound` for an unknown job.
     """
     client.get_status(job_id)  # JobNotFound / InvalidInput for bad ids
-    raw = client.redis.hget(keys.job_key(job_id), "done_id")
-    if not raw or cursor == "0":
-        return False
-    done_id = raw.decode() if isinstance(raw, bytes) else str(raw)
-    return _id_key(cursor) >= _id_key(done_id)
+    check_cursor(cursor)
+    return past_done(client.redis.hget(keys.job_key(job_id), "done_id"), cursor)
 
 
 def stream_sse(
@@ -129,8 +121,8 @@ def stream_sse(
     ``timeout`` bounds the whole stream (:class:`~producer.JobTimeout`);
     ``retry_ms`` sets the browser's reconnection delay (None leaves its default).
     """
-    if heartbeat_s <= 0:
-        raise InvalidInput("heartbeat_s", "must be positive")
+    check_seconds("heartbeat_s", heartbeat_s, positive=True)
+    check_seconds("timeout", timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
     cursor = after
     first = True
@@ -172,8 +164,8 @@ async def astream_sse(
     The event iterator is awaited with a heartbeat timer beside it, never
     cancelled by it, so a quiet job costs one blocking read, not a reconnect.
     """
-    if heartbeat_s <= 0:
-        raise InvalidInput("heartbeat_s", "must be positive")
+    check_seconds("heartbeat_s", heartbeat_s, positive=True)
+    check_seconds("timeout", timeout)
     events = client.astream_events(job_id, after=after, timeout=timeout).__aiter__()
     if retry_ms:
         yield _retry(retry_ms)

@@ -28,7 +28,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .keys import entry_id_key as _id_key
 from .resp import bulk
 
 __all__ = ["Subscription", "Tail"]
@@ -58,11 +61,6 @@ _POLL_MAX_S = 0.010
 _XREAD_POLL = b"$5\r\nXREAD\r\n$5\r\nCOUNT\r\n$%d\r\n%d\r\n" % (len(str(_COUNT)), _COUNT)
 _XREAD_BLOCK = _XREAD_POLL + b"$5\r\nBLOCK\r\n$%d\r\n%d\r\n" % (len(str(_BLOCK_MS)), _BLOCK_MS)
 _STREAMS = b"$7\r\nSTREAMS\r\n"
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 class Subscription:
@@ -226,11 +224,19 @@ class _Shard:
     async def _xread(self, command: bytes) -> Any:
         conn: Any = self.redis.connection
         await conn.send_packed_command(command, check_health=False)
-        # A blocked read legitimately waits _BLOCK_MS: never time it out before that.
         timeout = conn.socket_timeout
-        return await conn.read_response(
-            timeout=math.inf if timeout is None else timeout + _BLOCK_MS / 1000
-        )
+        if timeout is None:
+            return await conn.read_response(timeout=math.inf)
+        # A blocked read legitimately waits _BLOCK_MS: never time it out before that.
+        # Timed out here, not by read_response's own timeout: that one answers None,
+        # the same as a read that found nothing, and leaves the reply still due on
+        # the connection, where the next read would take it as its own.
+        try:
+            async with asyncio.timeout(timeout + _BLOCK_MS / 1000):
+                return await conn.read_response(timeout=math.inf)
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError(f"Redis sent no reply to a tail read in {timeout}s") from None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -239,13 +245,15 @@ class _Shard:
             while True:
                 if not self.subs:
                     return  # idle: give the connection back; the next subscriber restarts it
+                if self.client_id is None:
+                    # Before the read set is taken: a subscriber that arrives during
+                    # this await must be in the read, or it waits a whole BLOCK.
+                    self.client_id = int(await self.redis.client_id())
                 streams, command = self._read_set(block)
                 if not streams:  # every subscriber is paused
                     self.has_work.clear()
                     await self.has_work.wait()
                     continue
-                if self.client_id is None:
-                    self.client_id = int(await self.redis.client_id())
                 self.read_gen = self.gen
                 self.in_read = block  # only a blocked read needs waking on a change
                 started = loop.time()
@@ -417,6 +425,9 @@ class Tail:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
+        closed = RedisConnectionError("the tail was closed (Client.aclose)")
+        for shard in self._shards:
+            shard._fail(closed)  # its tails raise now rather than wait for entries
         self._shards.clear()
         await self.redis.aclose()
         await self.pool.disconnect()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+from typing import Any
 
 import pytest
 
@@ -110,6 +112,34 @@ def test_bad_cursors_and_unknown_jobs_are_refused(client: Client) -> None:
         list(sse.stream_sse(client, "bad id", timeout=2))
     with pytest.raises(InvalidInput):
         list(sse.stream_sse(client, "x", heartbeat_s=0))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0, -1, "15", None])
+def test_a_bad_heartbeat_is_refused_naming_the_field(client: Client, bad: Any) -> None:
+    job_id = client.enqueue_actor_job(scripted("hi"), "go")
+    with pytest.raises(InvalidInput) as err:
+        list(sse.stream_sse(client, job_id, heartbeat_s=bad))
+    assert err.value.field == "heartbeat_s"
+
+    async def main() -> None:
+        with pytest.raises(InvalidInput) as err:
+            async for _ in sse.astream_sse(client, job_id, heartbeat_s=bad):
+                pass
+        assert err.value.field == "heartbeat_s"
+        with pytest.raises(InvalidInput) as err:
+            async for _ in sse.astream_sse(client, job_id, timeout=math.nan):
+                pass
+        assert err.value.field == "timeout"
+        await client.aclose()
+
+    asyncio.run(main())
+    with pytest.raises(InvalidInput) as err:
+        list(sse.stream_sse(client, job_id, timeout=-1))
+    assert err.value.field == "timeout"
+    client.wait_result(job_id, timeout=30)  # and the job itself ran as usual
+    with pytest.raises(InvalidInput) as err:
+        sse.stream_finished(client, job_id, "not-an-id")
+    assert err.value.field == "after"
 
 
 def test_timeout_bounds_the_stream(client: Client) -> None:

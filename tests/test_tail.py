@@ -7,6 +7,8 @@ tests), so each case controls exactly which entries exist and when.
 from __future__ import annotations
 
 import asyncio
+import gc
+import math
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +16,8 @@ from typing import Any
 import pytest
 import redis
 
-from producer import Client, InvalidInput, JobNotFound, JobTimeout, keys
+from ops.stack import EmbeddedRedis
+from producer import Client, InvalidInput, JobNotFound, JobTimeout, Settings, keys
 from producer.tail import Tail
 
 _made: list[str] = []  # jobs written here directly: deleted after each test
@@ -234,3 +237,177 @@ def test_a_shard_packs_its_read_as_redis_py_would_and_follows_moved_cursors() ->
         assert command == expected(False, streams)
 
     asyncio.run(main())
+
+
+# -- resuming, closing, timeouts ---------------------------------------------------------
+
+
+def _finish(r: redis.Redis, job_id: str) -> str:
+    """What FINISH writes at the end: the done entry and its id in the record."""
+    done = r.xadd(keys.events_key(job_id), {"type": "done", "status": "succeeded"}).decode()
+    r.hset(keys.job_key(job_id), mapping={"status": "succeeded", "done_id": done})
+    return done
+
+
+def test_a_tail_resumed_at_or_past_the_done_entry_ends_at_once(client: Client) -> None:
+    r = client.redis
+    job_id = _new_job(r)
+    r.xadd(keys.events_key(job_id), {"type": "token", "text": "a", "node": "n"})
+    done = _finish(r, job_id)
+    later = f"{int(done.split('-')[0]) + 1}-0"
+    for after in (done, later):
+        assert list(client.stream_events(job_id, after=after, timeout=5)) == []
+
+    async def main() -> None:
+        for after in (done, later):
+            assert await _collect(client, job_id, after=after, timeout=5) == []
+        # Just before the ending: the ending itself, as before.
+        events = [e.type for e in await _collect(client, job_id, after="0", timeout=5)]
+        assert events == ["start", "token", "done"]
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_closing_the_client_ends_its_open_tails(client: Client) -> None:
+    job_id = _new_job(client.redis)
+
+    async def main() -> None:
+        tails = [asyncio.create_task(_collect(client, job_id, timeout=30)) for _ in range(3)]
+        await asyncio.sleep(0.3)  # subscribed, and the start entry read
+        await client.aclose()
+        results = await asyncio.wait_for(asyncio.gather(*tails, return_exceptions=True), 5)
+        assert all(isinstance(x, redis.ConnectionError) for x in results), results
+        assert "closed" in str(results[0])
+        # The client serves the next tail on a fresh reader.
+        _finish(client.redis, job_id)
+        assert [e.type for e in await _collect(client, job_id, timeout=5)] == ["start", "done"]
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_the_clients_of_loops_closed_without_aclose_are_let_go(client: Client) -> None:
+    r = client.redis
+    name = None
+    for _ in range(5):
+        job_id = _new_job(r)
+        _finish(r, job_id)
+
+        async def handler(job_id: str = job_id) -> str:
+            nonlocal name
+            name = client.tail.client_name
+            return (await client.await_result(job_id, timeout=5)).status.value
+
+        assert asyncio.run(handler()) == "succeeded"  # no aclose, as a careless handler
+    assert len(client._tails) <= 1 and len(client._aredis) <= 1
+    gc.collect()
+    assert name is not None
+    open_tails = sum(1 for c in r.client_list() if c.get("name", "").startswith("actorq-tail:"))
+    assert open_tails <= 4  # at most the last loop's tail pool
+
+
+def test_a_subscriber_joining_while_the_reader_starts_is_in_its_first_read(
+    redis_target: Any,
+) -> None:
+    r = redis_target.client()
+    quiet, busy = _new_job(r), _new_job(r)
+
+    async def main() -> float:
+        tail = Tail(redis_target.url)
+        async with tail.subscribe(keys.events_key(quiet), "9999999999999-0"):
+            await asyncio.sleep(0)  # the reader started and now awaits CLIENT ID
+            started = asyncio.get_running_loop().time()
+            async with tail.subscribe(keys.events_key(busy), "0") as sub:
+                batch = await sub.get()
+                took = asyncio.get_running_loop().time() - started
+        await tail.aclose()
+        assert batch and batch[0][1][:2] == ["type", "start"]
+        return took
+
+    assert asyncio.run(main()) < 0.5  # not a whole BLOCK (1 s) later
+
+
+def _private_redis_client(server: EmbeddedRedis, socket_timeout: float) -> Client:
+    return Client(
+        Settings(
+            redis_url=f"{server.url}?socket_timeout={socket_timeout}",
+            broker_url=server.url,
+        )
+    )
+
+
+def test_a_read_cut_by_the_socket_timeout_fails_the_tail_and_repeats_nothing() -> None:
+    server = EmbeddedRedis().start()  # its own: the test stalls it
+    try:
+        client = _private_redis_client(server, 0.5)
+        r = redis.Redis.from_url(server.url)
+        job_id = _new_job(r)
+        stream = keys.events_key(job_id)
+
+        async def main() -> None:
+            got: list[Any] = []
+
+            async def tail() -> None:
+                async for event in client.astream_events(job_id, timeout=30):
+                    got.append(event)
+
+            task = asyncio.create_task(tail())
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(r.xadd, stream, {"type": "token", "text": "a", "node": "n"})
+            await asyncio.sleep(0.1)
+            # The reader's blocked read outlives socket_timeout + BLOCK while Redis stalls.
+            await asyncio.to_thread(r.execute_command, "DEBUG", "SLEEP", "2")
+            for i in range(3):
+                await asyncio.to_thread(r.xadd, stream, {"type": "token", "text": f"{i}"})
+            with pytest.raises(redis.TimeoutError):
+                await asyncio.wait_for(task, 10)
+            ids = [e.id for e in got]
+            assert len(ids) == len(set(ids)) and [e.type for e in got][:2] == ["start", "token"]
+            # The next tail reads the whole stream, each entry once.
+            await asyncio.to_thread(_finish, r, job_id)
+            events = await _collect(client, job_id, timeout=10)
+            assert [e.text for e in events if e.type == "token"] == ["a", "0", "1", "2"]
+            await client.aclose()
+
+        asyncio.run(main())
+        client.close()
+        r.close()
+    finally:
+        server.cleanup()
+
+
+def test_a_sync_tail_under_a_short_socket_timeout_waits_out_a_quiet_job() -> None:
+    server = EmbeddedRedis().start()
+    try:
+        client = _private_redis_client(server, 0.4)
+        r = redis.Redis.from_url(server.url)
+        job_id = _new_job(r)
+        with pytest.raises(JobTimeout):  # not redis.TimeoutError after 0.4 s
+            list(client.stream_events(job_id, timeout=1.5))
+        _finish(r, job_id)
+        assert client.wait_result(job_id, timeout=5).status.value == "succeeded"
+        client.close()
+        r.close()
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -1, "5", True])
+def test_a_bad_timeout_is_refused_naming_the_field(client: Client, bad: Any) -> None:
+    job_id = _new_job(client.redis)
+    with pytest.raises(InvalidInput) as sync_err:
+        list(client.stream_events(job_id, timeout=bad))
+    with pytest.raises(InvalidInput):
+        client.wait_result(job_id, timeout=bad)
+
+    async def main() -> None:
+        with pytest.raises(InvalidInput) as async_err:
+            await _collect(client, job_id, timeout=bad)
+        assert async_err.value.field == "timeout"
+        with pytest.raises(InvalidInput):
+            await client.await_result(job_id, timeout=bad)
+        await client.aclose()
+
+    asyncio.run(main())
+    assert sync_err.value.field == "timeout"
