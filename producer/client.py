@@ -53,6 +53,10 @@ __all__ = ["CancelOutcome", "Client", "celery_app", "use_broker"]
 
 _IDEM_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
 _BLOCK_MS = 2000
+#: How long a caller waits for the first enqueue under its idempotency key to send
+#: its job before taking the work over, and how often it looks.
+_IDEM_WAIT_S = 5.0
+_IDEM_POLL_S = 0.02
 _DONE = EventType.DONE.value  # the type of a stream's last entry
 
 
@@ -178,39 +182,89 @@ class Client:
         payload, actor = self._build_payload(
             config, message, credentials, limits, pricing, job_id, idempotency_key
         )
-        job_id = payload["job_id"]
-        s = self.settings
+        new_id: str = payload["job_id"]
+        if idempotency_key is None:
+            self._create(new_id, payload, actor)
+            self._send(new_id, actor, None)
+            return new_id
+        return self._enqueue_once(keys.idempotency_key(idempotency_key), new_id, payload, actor)
+
+    def _enqueue_once(self, idem: str, job_id: str, payload: dict[str, Any], actor: str) -> str:
+        """Enqueue under the idempotency key ``idem``, or return the job it already names.
+
+        The key is taken before the job is created and sent, and given back if either
+        fails, so a retry after a failure enqueues afresh. A caller that finds the
+        key taken returns that job once it has been sent; if the job goes away (its
+        creator failed and undid it), it tries again itself. A creator gone quiet for
+        ``_IDEM_WAIT_S`` (a crash between the steps) has its work finished here: the
+        key taken over, or the created job sent (a second message for one job runs
+        nothing: CLAIM lets one attempt hold it).
+        """
         r = self.redis
-        idem = keys.idempotency_key(idempotency_key) if idempotency_key else None
-        if idem is not None and not r.set(idem, job_id, nx=True, ex=s.retention_s):
-            existing: Any = r.get(idem)
-            if existing is not None:
-                return str(existing.decode())
-            r.set(idem, job_id, ex=s.retention_s)  # expired between SET and GET
-        now = f"{time.time():.6f}"
-        created = r.eval(
+        ttl = self.settings.retention_s
+        deadline = time.monotonic() + _IDEM_WAIT_S
+        while True:
+            if not r.set(idem, job_id, nx=True, ex=ttl):
+                raw: Any = r.get(idem)
+                if raw is None:
+                    continue  # given back or expired since: take it
+                other = raw.decode()
+                fields: Any = r.hmget(keys.job_key(other), "status", "sent", "actor")
+                status, sent, other_actor = fields
+                if status is not None and (sent or status != b"queued"):
+                    return other
+                if time.monotonic() < deadline:
+                    time.sleep(_IDEM_POLL_S)
+                    continue
+                if status is not None:  # its creator died before sending it
+                    self._send(other, (other_actor or b"").decode(), None)
+                    return other
+                # Its creator died before creating it: the key becomes this job's.
+                if not r.eval(scripts.IDEM_SWAP, 1, idem, other, job_id, ttl):
+                    continue
+            try:
+                self._create(job_id, payload, actor)
+            except BaseException:
+                self._release(idem, job_id)
+                raise
+            self._send(job_id, actor, idem)
+            return job_id
+
+    def _create(self, job_id: str, payload: dict[str, Any], actor: str) -> None:
+        created = self.redis.eval(
             scripts.CREATE,
             4,
             *scripts.job_keys(job_id),
             json.dumps(payload),
             actor,
-            now,
-            s.retention_s,
+            f"{time.time():.6f}",
+            self.settings.retention_s,
         )
         if not created:
-            if idem is not None:
-                r.delete(idem)
             raise InvalidInput("job_id", f"a job with id {job_id!r} already exists")
+
+    def _send(self, job_id: str, actor: str, idem: str | None) -> None:
+        """Send the job's task; if that fails, undo the job (and give ``idem`` back)."""
+        s = self.settings
+        r = self.redis
         try:
             self.celery.send_task(TASK_NAME, queue=s.queue, **task_message(job_id, actor))
         except Exception:
-            r.delete(keys.job_key(job_id), *([idem] if idem else []))
+            r.delete(keys.job_key(job_id))
+            if idem is not None:
+                self._release(idem, job_id)
             raise
+        now = time.time()
         pipe = r.pipeline(transaction=False)
-        pipe.zadd(keys.JOBS_INDEX, {job_id: float(now)})
-        pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", float(now) - s.retention_s)
+        # Sent: a caller with the same idempotency key may return it from now on.
+        pipe.hset(keys.job_key(job_id), "sent", 1)
+        pipe.zadd(keys.JOBS_INDEX, {job_id: now})
+        pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", now - s.retention_s)
         pipe.execute()
-        return job_id
+
+    def _release(self, idem: str, job_id: str) -> None:
+        """Give the idempotency key back if it still names ``job_id``."""
+        self.redis.eval(scripts.IDEM_RELEASE, 1, idem, job_id)
 
     def _build_payload(
         self,

@@ -17,6 +17,8 @@ __all__ = [
     "CLAIM",
     "CREATE",
     "FINISH",
+    "IDEM_RELEASE",
+    "IDEM_SWAP",
     "PUBLISH",
     "RENEW",
     "REQUEUE",
@@ -65,6 +67,20 @@ end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'actor', ARGV[2], 'created_at', ARGV[3],
            'attempt', 0, 'payload', ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# An idempotency key (its own slot, one key): ARGV job id -> 1 if it named that job and
+# is now gone, else 0. Undoing a failed enqueue must not drop a key another caller took.
+IDEM_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# ARGV: the job id the key names now, the one it should name, ttl -> 1 if swapped, else 0.
+IDEM_SWAP = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
 return 1
 """
 
