@@ -10,7 +10,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
-__all__ = ["bulk", "evalsha", "script_sha"]
+__all__ = ["bulk", "evalsha", "script_sha", "transient_reply", "wrong_node_reply"]
+
+#: Codes of error replies from a Redis that can't take a write just now (a failover,
+#: loading its data, memory full, a script running long): worth retrying.
+_TRANSIENT = ("READONLY", "MASTERDOWN", "LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN")
+#: ...of which these say the connection reached a node that is no longer the primary.
+_WRONG_NODE = ("READONLY", "MASTERDOWN")
+#: redis-py's classes for some of those codes (it strips the code from their text).
+_CLASSES = {"ReadOnlyError": "READONLY", "BusyLoadingError": "LOADING",
+            "OutOfMemoryError": "OOM", "TryAgainError": "TRYAGAIN"}  # fmt: skip
 
 
 def bulk(value: bytes) -> bytes:
@@ -34,3 +43,22 @@ def evalsha(sha: bytes, keys: Sequence[bytes], args: Sequence[bytes]) -> bytes:
             *map(bulk, words),
         ]
     )
+
+
+def _has_code(exc: BaseException, codes: Sequence[str]) -> bool:
+    """Whether ``exc`` is an error reply with one of ``codes``, also when a Lua script
+    hit it (Redis 6 reports those as ``... @user_script:N: -OOM ...``)."""
+    if _CLASSES.get(type(exc).__name__) in codes:
+        return True
+    text = str(exc)
+    return any(text.startswith(code + " ") or f"-{code} " in text for code in codes)
+
+
+def transient_reply(exc: BaseException) -> bool:
+    """An error reply worth retrying: the server can't write now, not "wrong command"."""
+    return _has_code(exc, _TRANSIENT)
+
+
+def wrong_node_reply(exc: BaseException) -> bool:
+    """An error reply from a demoted primary: reconnect before retrying."""
+    return _has_code(exc, _WRONG_NODE)

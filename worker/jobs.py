@@ -20,10 +20,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import scripts
 from producer.errors import ActorqError, MessageDecodeError
+from producer.resp import transient_reply
 from producer.schema import ActorResult, JobStatus
 from producer.settings import Settings
 
@@ -193,9 +195,15 @@ class JobRunner:
                     ],
                 )
                 return claim
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient_reply(exc):
+                    raise
                 if time.monotonic() + delay > deadline:
-                    log.error("job %s: Redis unreachable (%s); sending it again", job_id, exc)
+                    log.error(
+                        "job %s: Redis unreachable or refusing writes (%s); sending it again",
+                        job_id,
+                        exc,
+                    )
                     try:
                         await asyncio.to_thread(self.supervisor.send_again, job_id, s.queue)
                         return None
@@ -203,7 +211,10 @@ class JobRunner:
                         log.error("job %s: could not send it again (%s)", job_id, send_exc)
                         deadline = time.monotonic() + self.claim_wait_s
                 log.warning(
-                    "job %s: Redis unreachable (%s); claim retry in %.1fs", job_id, exc, delay
+                    "job %s: Redis unreachable or refusing writes (%s); claim retry in %.1fs",
+                    job_id,
+                    exc,
+                    delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -339,7 +350,9 @@ class JobRunner:
                     ],
                 )
                 break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as exc:
+                if isinstance(exc, ResponseError) and not transient_reply(exc):
+                    raise
                 log.warning("job %s: could not write the ending (%s); retrying", job_id, exc)
                 await asyncio.sleep(delay)
         else:

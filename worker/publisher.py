@@ -30,7 +30,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from producer import keys, scripts
-from producer.resp import bulk, evalsha, script_sha
+from producer.resp import bulk, evalsha, script_sha, wrong_node_reply
 from producer.settings import Settings
 
 from . import metrics
@@ -321,6 +321,12 @@ class Publisher:
             raise
         finally:
             self._awaiting_since = None
+        if any(isinstance(r, ResponseError) and wrong_node_reply(r) for r in replies):
+            # A failover demoted the node this connection reached: every retry on it
+            # would fail the same way, so the next pipeline connects afresh.
+            self._conn = self._read_reply = None
+            await conn.disconnect()
+            await self._redis.connection_pool.release(conn)
         # Every reply is read, error replies included: the connection stays in step.
         for call, reply in zip(calls, replies[len(taken) :], strict=True):
             if call.reply.done():  # its caller stopped waiting (cancelled)
