@@ -22,6 +22,7 @@ __all__ = [
     "PUBLISH",
     "RENEW",
     "REQUEUE",
+    "REQUEUE_SENT",
     "UNQUEUE",
     "job_keys",
     "running_job_keys",
@@ -219,21 +220,51 @@ return 'requested'
 """
 )
 
-# A job whose lease vanished while it was running (its worker died, froze, or lost
-# Redis for longer than the lease): put it back to queued so one sweeper (and only
-# one: the status flips atomically) sends it again, to the queue it came from.
-# KEYS: the usual four. ARGV: now (unique per call: it marks this requeue)
-# -> {1, queue, actor} send it again | {0, '', ''} an attempt holds it | {-1, '', ''} not running
+# The sweeper's step for a job whose running-index entry is due. KEYS: the usual four
+# and the running index. ARGV: now (unix s), resend_after_s, job_id.
+# -> {1, queue, actor}: send its message | {0, '', ''}: an attempt holds its lease |
+#    {-1, '', ''}: nothing to send (ended, not requeued, or another sweep is sending it)
+# The index entry stays until the message is out (REQUEUE_SENT), moved resend_after_s
+# ahead: a sweeper that dies or loses Redis between this and the send leaves the job
+# to the next sweep, which sends it (a duplicate message runs nothing). A live lease
+# moves a lagging entry to the lease's end (a worker whose clock runs behind renews
+# into the past), so such entries can't crowd the lost jobs out of a sweep.
 REQUEUE = """
+local now = tonumber(ARGV[1])
 local status = redis.call('HGET', KEYS[1], 'status')
-if status == 'queued' and redis.call('HGET', KEYS[1], 'requeued_at') == ARGV[1] then
-  -- a re-run of this very call whose reply was lost: the message is still to send
-  return {1, redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'actor') or ''}
+if status == 'running' then
+  local held = redis.call('PTTL', KEYS[3])
+  if held == -1 then return {0, '', ''} end
+  if held > 0 then
+    redis.call('ZADD', KEYS[5], now + held / 1000, ARGV[3])
+    return {0, '', ''}
+  end
+  redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued_at', ARGV[1])
+elseif status == 'queued' and redis.call('HGET', KEYS[1], 'requeued_at') then
+  local at = redis.call('HGET', KEYS[1], 'requeued_at')
+  -- The same call again (its reply was lost), or a send that never happened: send it.
+  if at ~= ARGV[1] and now - tonumber(at) < tonumber(ARGV[2]) then
+    return {-1, '', ''}  -- another sweep requeued it just now and is sending it
+  end
+  redis.call('HSET', KEYS[1], 'requeued_at', ARGV[1])
+else
+  redis.call('ZREM', KEYS[5], ARGV[3])  -- ended, gone, or queued by its enqueue
+  return {-1, '', ''}
 end
-if status ~= 'running' then return {-1, '', ''} end
-if redis.call('EXISTS', KEYS[3]) == 1 then return {0, '', ''} end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'requeued_at', ARGV[1])
+redis.call('ZADD', KEYS[5], now + tonumber(ARGV[2]), ARGV[3])
 return {1, redis.call('HGET', KEYS[1], 'queue') or '', redis.call('HGET', KEYS[1], 'actor') or ''}
+"""
+
+# The message of a REQUEUE is out. KEYS: the usual four and the running index. ARGV:
+# that REQUEUE's now, job_id. The job leaves the index unless an attempt claimed it
+# meanwhile (its claim indexed it anew) or a later REQUEUE owns the send.
+REQUEUE_SENT = """
+if redis.call('HGET', KEYS[1], 'status') == 'queued'
+   and redis.call('HGET', KEYS[1], 'requeued_at') == ARGV[1] then
+  redis.call('ZREM', KEYS[5], ARGV[2])
+  return 1
+end
+return 0
 """
 
 # Undo a REQUEUE whose message could not be sent (broker away), so the next sweep

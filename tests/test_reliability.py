@@ -579,11 +579,15 @@ def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, 
 
         c.redis.delete(keys.lease_key(job_id))  # the attempt's worker died
         now = f"{time.time():.6f}"
-        requeue = [scripts.REQUEUE, 4, *scripts.job_keys(job_id), now]
+        job_keys = scripts.running_job_keys(job_id)
+        requeue = [scripts.REQUEUE, 5, *job_keys, now, 60, job_id]
         assert c.redis.eval(*requeue) == [1, queue.encode(), b"tester"]
         assert c.redis.eval(*requeue) == [1, queue.encode(), b"tester"]  # lost reply re-run
-        late = [scripts.REQUEUE, 4, *scripts.job_keys(job_id), f"{time.time() + 1:.6f}"]
-        assert c.redis.eval(*late)[0] == -1  # another sweeper: not running, nothing to send
+        late = [scripts.REQUEUE, 5, *job_keys, f"{time.time() + 1:.6f}", 60, job_id]
+        assert c.redis.eval(*late)[0] == -1  # another sweeper is sending it: nothing to send
+        # Sent: the job leaves the running index (its next claim indexes it again).
+        assert c.redis.eval(scripts.REQUEUE_SENT, 5, *job_keys, now, job_id) == 1
+        assert c.redis.zscore(keys.RUNNING_INDEX, job_id) is None
     finally:
         c.cancel_job(job_id)
         c.redis.delete(queue)

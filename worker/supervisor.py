@@ -223,15 +223,15 @@ class Supervisor:
         self._requeue(job_id, queue, actor)
 
     async def requeue(self, job_id: str) -> bool:
-        """Send ``job_id`` again if it is running with no lease; True when this call did."""
+        """Send ``job_id`` again if it is running with no lease (or was requeued and its
+        message never went out); True when this call sent it."""
+        now = f"{time.time():.6f}"
+        job_keys = scripts.running_job_keys(job_id)
         code, raw_queue, raw_actor = await self._redis.eval(
-            scripts.REQUEUE, 4, *scripts.job_keys(job_id), f"{time.time():.6f}"
+            scripts.REQUEUE, 5, *job_keys, now, self._settings.lease_ttl_s, job_id
         )
-        if int(code) == 0:
-            return False  # an attempt holds its lease: its renewals keep the index fresh
-        await self._redis.zrem(keys.RUNNING_INDEX, job_id)
-        if int(code) < 0:
-            return False  # ended, or already queued again
+        if int(code) <= 0:
+            return False  # a live attempt holds it, or there is nothing to send
         queue, actor = (
             v.decode() if isinstance(v, bytes) else str(v) for v in (raw_queue, raw_actor)
         )
@@ -242,6 +242,7 @@ class Supervisor:
             await self._redis.eval(scripts.UNQUEUE, 4, *scripts.job_keys(job_id))
             await self._redis.zadd(keys.RUNNING_INDEX, {job_id: time.time()})
             return False
+        await self._redis.eval(scripts.REQUEUE_SENT, 5, *job_keys, now, job_id)
         log.warning("job %s: its attempt was lost (worker gone or lease lapsed); requeued", job_id)
         return True
 
