@@ -88,7 +88,8 @@ return 1
 # ARGV: owner, status, error, error_type, result, now, ttl, maxlen, job_id
 # -> {1, done_id} | {0, 'terminal'} | {0, 'fenced'} | {0, 'missing'}
 # Unless fenced (the job is another attempt's, or the sweeper's), the job leaves the
-# running index (KEYS[5]): it has ended, by this call or before it.
+# running index (KEYS[5]): it has ended, by this call or before it. The owner that
+# wrote the ending is kept (ended_by), so a re-run of the call answers as the first.
 FINISH = (
     _FINISH_FN
     + """
@@ -98,8 +99,15 @@ if status and not TERMINAL[status] and ARGV[1] ~= '' and redis.call('GET', KEYS[
 end
 redis.call('ZREM', KEYS[5], ARGV[9])
 if not status then return {0, 'missing'} end
-if TERMINAL[status] then return {0, 'terminal'} end
-return {1, finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])}
+if TERMINAL[status] then
+  if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
+    return {1, redis.call('HGET', KEYS[1], 'done_id')}  -- this very call again: its reply was lost
+  end
+  return {0, 'terminal'}
+end
+local id = finish(ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8])
+if ARGV[1] ~= '' then redis.call('HSET', KEYS[1], 'ended_by', ARGV[1]) end
+return {1, id}
 """
 )
 

@@ -577,6 +577,19 @@ def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, 
         starts = [e for e in read_events(c, job_id) if e.type == "start"]
         assert len(starts) == 1  # the re-run wrote nothing
 
+        finish = [
+            scripts.FINISH, 5, *scripts.running_job_keys(job_id), "owner-1", "succeeded", "",
+            "", "{}", f"{time.time()}", 60, 1000, job_id,
+        ]  # fmt: skip
+        ended = c.redis.eval(*finish)
+        assert ended[0] == 1
+        assert c.redis.eval(*finish) == ended  # its reply was lost: the same answer
+        late = [*finish]
+        late[7] = "owner-2"
+        assert c.redis.eval(*late) == [0, b"terminal"]  # another attempt: not its ending
+        assert [e.type for e in read_events(c, job_id)].count("done") == 1
+        c.redis.hset(keys.job_key(job_id), mapping={"status": "running"})  # for the requeue below
+        c.redis.hdel(keys.job_key(job_id), "done_id", "ended_by")
         c.redis.delete(keys.lease_key(job_id))  # the attempt's worker died
         now = f"{time.time():.6f}"
         job_keys = scripts.running_job_keys(job_id)
