@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -196,44 +197,57 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> _Clock:
     return c
 
 
-def _running(r: Any, job_id: str, queue: str, due: float, lease_s: int = 0) -> None:
-    """A job as a claim leaves it, its lease ``lease_s`` long (0: its worker is gone)."""
-    r.hset(keys.job_key(job_id), mapping={"status": "running", "queue": queue, "actor": "a"})
-    r.expire(keys.job_key(job_id), 600)
-    if lease_s:
-        r.set(keys.lease_key(job_id), "owner", ex=lease_s)
-    r.zadd(keys.RUNNING_INDEX, {job_id: due})
+class _Sweeping:
+    """This test's Redis, settings and the jobs it wrote (forgotten after it)."""
+
+    def __init__(self, stack_env: dict[str, str]) -> None:
+        self.settings = Settings.from_env(stack_env)
+        self.r = redis.Redis.from_url(self.settings.redis_url)
+        self.made: list[str] = []
+
+    def running(self, job_id: str, due: float, lease_s: int = 0) -> None:
+        """A job as a claim leaves it, its lease ``lease_s`` long (0: its worker is gone)."""
+        r = self.r
+        self.made.append(job_id)
+        r.hset(keys.job_key(job_id), mapping={"status": "running", "queue": "q", "actor": "a"})
+        r.expire(keys.job_key(job_id), 600)
+        if lease_s:
+            r.set(keys.lease_key(job_id), "owner", ex=lease_s)
+        r.zadd(keys.RUNNING_INDEX, {job_id: due})
+
+    def sweep(self, sent: list[str], on_send: Any = None) -> int:
+        def requeue(job_id: str, queue: str, actor: str) -> None:
+            sent.append(job_id)
+            if on_send is not None:
+                on_send(job_id)
+
+        async def main() -> int:
+            r = aioredis.Redis.from_url(self.settings.redis_url)
+            try:
+                return await Supervisor(r, self.settings, requeue).sweep()
+            finally:
+                await r.aclose()
+
+        return asyncio.run(main())
 
 
-def _sweep(settings: Settings, sent: list[str], on_send: Any = None) -> int:
-    def requeue(job_id: str, queue: str, actor: str) -> None:
-        sent.append(job_id)
-        if on_send is not None:
-            on_send(job_id)
-
-    async def main() -> int:
-        r = aioredis.Redis.from_url(settings.redis_url)
-        try:
-            return await Supervisor(r, settings, requeue).sweep()
-        finally:
-            await r.aclose()
-
-    return asyncio.run(main())
-
-
-def _forget(r: Any, ids: list[str]) -> None:
-    for job_id in ids:
-        r.delete(keys.job_key(job_id), keys.lease_key(job_id))
-    r.zrem(keys.RUNNING_INDEX, *ids)
+@pytest.fixture
+def sweeping(stack_env: dict[str, str], clock: _Clock) -> Iterator[_Sweeping]:
+    s = _Sweeping(stack_env)
+    yield s
+    for job_id in s.made:
+        s.r.delete(keys.job_key(job_id), keys.lease_key(job_id))
+    if s.made:
+        s.r.zrem(keys.RUNNING_INDEX, *s.made)
+    s.r.close()
 
 
 def test_an_attempt_that_claims_the_resent_job_before_the_send_returns_stays_indexed(
-    stack_env: dict[str, str], clock: _Clock
+    sweeping: _Sweeping,
 ) -> None:
-    settings = Settings.from_env(stack_env)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = sweeping.r
     job_id = f"sweep-claimed-{uuid.uuid4().hex[:8]}"
-    _running(r, job_id, "q", due=time.time() + 300)
+    sweeping.running(job_id, due=time.time() + 300)
 
     def claimed_at_once(job: str) -> None:  # a worker took the message as it was sent
         r.hset(keys.job_key(job), "status", "running")
@@ -241,59 +255,45 @@ def test_an_attempt_that_claims_the_resent_job_before_the_send_returns_stays_ind
         r.zadd(keys.RUNNING_INDEX, {job: _FAR})
 
     sent: list[str] = []
-    try:
-        assert _sweep(settings, sent, claimed_at_once) == 1 and sent == [job_id]
-        assert r.zscore(keys.RUNNING_INDEX, job_id) == _FAR  # the new attempt's entry
-    finally:
-        _forget(r, [job_id])
-        r.close()
+    assert sweeping.sweep(sent, claimed_at_once) == 1 and sent == [job_id]
+    assert r.zscore(keys.RUNNING_INDEX, job_id) == _FAR  # the new attempt's entry
 
 
 def test_a_requeue_whose_message_never_went_out_is_sent_by_a_later_sweep(
-    stack_env: dict[str, str], clock: _Clock
+    sweeping: _Sweeping, clock: _Clock
 ) -> None:
-    settings = Settings.from_env(stack_env)
-    r = redis.Redis.from_url(settings.redis_url)
+    r, ttl = sweeping.r, sweeping.settings.lease_ttl_s
     job_id = f"sweep-unsent-{uuid.uuid4().hex[:8]}"
-    _running(r, job_id, "q", due=time.time() + 300)
+    sweeping.running(job_id, due=time.time() + 300)
     # A sweeper requeued it, then died (or lost Redis) before sending its message.
-    keys_ = scripts.running_job_keys(job_id)
-    r.eval(scripts.REQUEUE, 5, *keys_, f"{clock.time():.6f}", settings.lease_ttl_s, job_id)
+    job_keys = scripts.running_job_keys(job_id)
+    r.eval(scripts.REQUEUE, 5, *job_keys, f"{clock.time():.6f}", ttl, job_id)
     assert r.hget(keys.job_key(job_id), "status") == b"queued"
     sent: list[str] = []
-    try:
-        assert _sweep(settings, sent) == 0  # not due yet: that sweeper may still send it
-        clock.ahead += settings.lease_ttl_s + 1
-        assert _sweep(settings, sent) == 1 and sent == [job_id]
-        assert r.zscore(keys.RUNNING_INDEX, job_id) is None  # sent: out of the index
-        assert _sweep(settings, sent) == 0 and sent == [job_id]
-    finally:
-        _forget(r, [job_id])
-        r.close()
+    assert sweeping.sweep(sent) == 0  # not due yet: that sweeper may still send it
+    clock.ahead += ttl + 1
+    assert sweeping.sweep(sent) == 1 and sent == [job_id]
+    assert r.zscore(keys.RUNNING_INDEX, job_id) is None  # sent: out of the index
+    assert sweeping.sweep(sent) == 0 and sent == [job_id]
 
 
 def test_entries_of_live_attempts_do_not_crowd_a_lost_job_out_of_the_sweeps(
-    stack_env: dict[str, str], clock: _Clock
+    sweeping: _Sweeping, clock: _Clock
 ) -> None:
-    settings = Settings.from_env(stack_env)
-    r = redis.Redis.from_url(settings.redis_url)
     tag = uuid.uuid4().hex[:8]
     # More live attempts than a sweep looks at, indexed in the past (their worker's
     # clock runs behind), and one lost job after them.
     live = [f"sweep-live-{tag}-{i}" for i in range(110)]
     for i, job_id in enumerate(live):
-        _running(r, job_id, "q", due=time.time() + 100 + i / 1000, lease_s=120)
+        sweeping.running(job_id, due=time.time() + 100 + i / 1000, lease_s=120)
     lost = f"sweep-lost-{tag}"
-    _running(r, lost, "q", due=time.time() + 200)
+    sweeping.running(lost, due=time.time() + 200)
     sent: list[str] = []
-    try:
-        rounds = 0
-        while not sent and rounds < 3:
-            _sweep(settings, sent)
-            rounds += 1
-        assert sent == [lost] and rounds == 2
-        for job_id in live:  # moved to their lease's end
-            assert r.zscore(keys.RUNNING_INDEX, job_id) > clock.time() + 60
-    finally:
-        _forget(r, [*live, lost])
-        r.close()
+    rounds = 0
+    while not sent and rounds < 3:
+        sweeping.sweep(sent)
+        rounds += 1
+    assert sent == [lost] and rounds == 2
+    for job_id in live:  # moved to their lease's end
+        score = sweeping.r.zscore(keys.RUNNING_INDEX, job_id)
+        assert score is not None and score > clock.time() + 60
