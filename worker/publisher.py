@@ -321,14 +321,11 @@ class Publisher:
             raise
         finally:
             self._awaiting_since = None
-        if any(isinstance(r, ResponseError) and wrong_node_reply(r) for r in replies):
-            # A failover demoted the node this connection reached: every retry on it
-            # would fail the same way, so the next pipeline connects afresh.
-            self._conn = self._read_reply = None
-            await conn.disconnect()
-            await self._redis.connection_pool.release(conn)
         # Every reply is read, error replies included: the connection stays in step.
+        wrong_node = False
         for call, reply in zip(calls, replies[len(taken) :], strict=True):
+            if isinstance(reply, BaseException):
+                wrong_node = wrong_node or wrong_node_reply(reply)
             if call.reply.done():  # its caller stopped waiting (cancelled)
                 continue
             if isinstance(reply, NoScriptError):
@@ -339,9 +336,15 @@ class Publisher:
             else:
                 call.reply.set_result(reply)
         results = replies[: len(taken)]
-        for reply in results:
-            if isinstance(reply, BaseException):
-                raise reply
+        error = next((r for r in results if isinstance(r, BaseException)), None)
+        if wrong_node or (error is not None and wrong_node_reply(error)):
+            # A failover demoted the node this connection reached: every retry on it
+            # would fail the same way, so the next pipeline connects afresh.
+            self._conn = self._read_reply = None
+            await conn.disconnect()
+            await self._redis.connection_pool.release(conn)
+        if error is not None:
+            raise error
         return [int(reply) for reply in results]
 
     def _pack_channel(self, ch: JobChannel) -> bytes:
