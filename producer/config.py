@@ -210,6 +210,7 @@ _MONEY_LIMITS = frozenset({"max_cost_usd"})
 _PRICING = TypeAdapter(dict[str, ModelPrice])
 _MAX_PRICED_MODELS = 256
 _CRED_FIELDS = frozenset({"api_key", "base_url", "organization"})
+_PRINTABLE_ASCII = re.compile(r"[\x21-\x7e]+")
 
 
 def _first_error(exc: ValidationError, root: str, tagged: bool = False) -> tuple[str, str]:
@@ -350,6 +351,13 @@ def parse_credentials(credentials: object) -> dict[str, dict[str, str]]:
             if not isinstance(value, str) or not value or len(value) > 4096:
                 raise CredentialsError(
                     f"credentials.{provider}.{name}", "must be a non-empty string (<= 4096 chars)"
+                )
+            # Sent as an HTTP header or URL: a control character or non-ASCII text would
+            # fail only on the worker, at the provider call.
+            if not _PRINTABLE_ASCII.fullmatch(value):
+                raise CredentialsError(
+                    f"credentials.{provider}.{name}",
+                    "must be printable ASCII (no spaces, control characters or other text)",
                 )
             entry[name] = value
         out[provider] = entry

@@ -162,6 +162,14 @@ CASES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
         K,
         "credentials.openai.api_key",
     ),
+    ("creds newline", {"credentials": {"openai": {"api_key": "sk-1\nX: y"}}}, K,
+     "credentials.openai.api_key"),
+    ("creds surrogate", {"credentials": {"openai": {"api_key": "sk-\ud800"}}}, K,
+     "credentials.openai.api_key"),
+    ("creds non-ascii", {"credentials": {"openai": {"organization": "org-é"}}}, K,
+     "credentials.openai.organization"),
+    ("creds space", {"credentials": {"openai": {"base_url": "http://x /v1"}}}, K,
+     "credentials.openai.base_url"),
 ]
 
 
