@@ -12,6 +12,7 @@ import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -81,7 +82,25 @@ class LLMConfig(_Strict):
     first_token_delay_ms: float = Field(default=0, ge=0, le=600_000)
     token_delay_ms: float = Field(default=0, ge=0, le=600_000)
     report_usage: bool = True
-    fail_with: Literal["error", "rate_limit"] | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        problem = None if url is None else _url_problem(url)
+        if problem:
+            raise ValueError(problem)
+        return url
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` can't be a provider's base URL (``http(s)://host...``), or None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "is not a URL"
+    if parts.scheme not in ("http", "https") or not parts.hostname or url != url.strip():
+        return "must be an http:// or https:// URL with a host"
+    return None
 
 
 class AgentConfig(LLMConfig):
@@ -147,6 +166,8 @@ def _check_graph(graph: GraphConfig) -> None:
             raise ConfigError(f"config.nodes.{name[:64]}", f"node name must match {_NAME}")
         if name in _RESERVED_NODES:
             raise ConfigError(f"config.nodes.{name}", f"{name!r} is a reserved name")
+        if ":" in name:  # LangGraph's separator of namespaces
+            raise ConfigError(f"config.nodes.{name}", "a node name can't contain ':'")
     if graph.entry not in graph.nodes:
         raise ConfigError("config.entry", f"entry {graph.entry!r} is not a node")
     catch_all: dict[str, int] = {}
@@ -359,6 +380,9 @@ def parse_credentials(credentials: object) -> dict[str, dict[str, str]]:
                     f"credentials.{provider}.{name}",
                     "must be printable ASCII (no spaces, control characters or other text)",
                 )
+            problem = _url_problem(value) if name == "base_url" else None
+            if problem:
+                raise CredentialsError(f"credentials.{provider}.{name}", problem)
             entry[name] = value
         out[provider] = entry
     return out

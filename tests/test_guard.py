@@ -78,3 +78,25 @@ def test_outside_cancellation_stays_a_cancellation() -> None:
             await task
 
     asyncio.run(main())
+
+
+def test_a_wait_in_a_task_of_its_own_is_the_one_stopped() -> None:
+    """asyncio.wait_for (Python 3.11) awaits each step in a new task: the guard must
+    cancel the task of the wait in progress, not the first one it saw."""
+
+    async def main() -> float:
+        guard = Guard(None, 300)
+        source = _ticks([0.01, 0.01, 5.0])
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while True:
+                await asyncio.wait_for(guard.next(source), 10)
+        except LimitExceeded as exc:
+            assert exc.limit == "stall_timeout_ms"
+            return loop.time() - started
+        finally:
+            guard.close()
+            await source.aclose()  # type: ignore[attr-defined]
+
+    assert asyncio.run(main()) < 2.0  # not when the 5 s tick came

@@ -113,3 +113,36 @@ def test_bad_llm_configs_name_the_field(change: dict[str, Any], field: str) -> N
         create_executor({**llm("m", base_url="http://127.0.0.1:9/v1"), **change})
     assert info.value.field == field
     assert "sk-in-config" not in str(info.value)
+
+
+def test_an_error_event_inside_the_stream_is_retried_only_for_the_providers_side() -> None:
+    import httpx
+    import openai
+
+    from worker.runtime.providers import provider_error
+
+    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+
+    def event(body: object) -> bool:
+        return provider_error(openai.APIError("stream error", request, body=body), []).retryable
+
+    assert not event({"type": "invalid_request_error", "code": "context_length_exceeded"})
+    assert not event({"error": {"type": "invalid_request_error", "code": "content_filter"}})
+    assert event({"type": "server_error", "code": None})
+    assert event({"error": {"type": "overloaded_error"}})
+    assert event({"code": "rate_limit_exceeded"})
+    assert event(None)  # no event at all: the stream was cut
+
+
+def test_the_http_timeout_leaves_long_waits_to_the_runs_limits() -> None:
+    import httpx
+
+    from producer.config import parse_config
+    from worker.runtime.providers import build_chat_model
+
+    cfg = parse_config({"type": "llm", "provider": "openai", "model": "m"})
+    model = build_chat_model(cfg, {"openai": {"api_key": "sk-test"}})
+    timeout = model.request_timeout
+    assert isinstance(timeout, httpx.Timeout)
+    # Not the 60 s that ended slow first tokens whatever stall_timeout_ms allowed.
+    assert timeout.read == 600 and timeout.connect == 10

@@ -143,8 +143,27 @@ def test_max_cost_usd_counts_the_prompt_and_finished_calls(openai_server: FakeOp
         run(ex.execute(" ".join(["word"] * 20)))
     assert info.value.limit == "max_cost_usd"
     result = ex.last_result
-    assert result is not None and result.model_calls == 2 and result.tool_calls == 1
-    assert len(openai_server.calls(m)) == 1  # the over-budget call never went out
+    # The over-budget call never went out, and is not counted as made.
+    assert result is not None and result.model_calls == 1 and result.tool_calls == 1
+    assert len(openai_server.calls(m)) == 1
+    assert result.cost_usd is not None and result.cost_usd < Decimal("0.00003")
+
+
+def test_a_node_the_budget_stops_before_its_call_leaves_the_result_to_the_last(
+    openai_server: FakeOpenAI,
+) -> None:
+    d = openai_server.script(model("cheap-draft"), Reply(text="quick draft"))
+    r = openai_server.script(model("dear-review"), Reply(text="fine"))
+    price = {d: {"input": "0", "output": "0"}, r: {"input": "1000000", "output": "0"}}
+    ex = create_executor(review_graph(d, r), creds(openai_server), {"max_cost_usd": "1"}, price)
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("go"))
+    assert info.value.limit == "max_cost_usd"
+    result = ex.last_result
+    assert result is not None and result.finish_reason == "limit"
+    assert openai_server.calls(r) == []  # the review's prompt alone was over budget
+    assert result.model_calls == 1 and result.text == "quick draft"
+    assert [n.node for n in result.nodes] == ["draft"] and result.cost_usd == 0
 
 
 def test_a_budget_needs_a_price_for_every_model(openai_server: FakeOpenAI) -> None:
@@ -230,3 +249,16 @@ def test_leaving_execute_stream_early_closes_the_provider_stream(openai_server: 
     assert ex.last_result is not None and ex.last_result.finish_reason == "cancelled"
     assert ex.last_result.text == "a b"
     wait_for(lambda: m in openai_server.closed_early)
+
+
+def test_the_last_node_decides_the_finish_reason(openai_server: FakeOpenAI) -> None:
+    d = openai_server.script(
+        model("cut-draft"), Reply(text="a draft cut sho", finish_reason="length")
+    )
+    r = openai_server.script(model("fine-review"), Reply(text="fine"))
+    result = run(create_executor(review_graph(d, r), creds(openai_server)).execute("go"))
+    assert result.text == "fine" and result.finish_reason == "stop"
+    # ...and when the last call is the one cut short, the result says so.
+    r2 = openai_server.script(model("cut-review"), Reply(text="fi", finish_reason="length"))
+    result = run(create_executor(review_graph(d, r2), creds(openai_server)).execute("go"))
+    assert result.finish_reason == "length"

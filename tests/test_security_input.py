@@ -170,6 +170,16 @@ CASES: list[tuple[str, dict[str, Any], type[Exception], str]] = [
      "credentials.openai.organization"),
     ("creds space", {"credentials": {"openai": {"base_url": "http://x /v1"}}}, K,
      "credentials.openai.base_url"),
+    ("creds base_url no scheme", {"credentials": {"openai": {"base_url": "http//typo"}}}, K,
+     "credentials.openai.base_url"),
+    # what failed only on the worker before
+    ("base_url no scheme", {"config": {**OK, "base_url": "localhost:8000/v1"}}, C,
+     "config.base_url"),
+    ("base_url ftp", {"config": {**OK, "base_url": "ftp://files.example/v1"}}, C,
+     "config.base_url"),
+    ("graph node with ':'", {"config": {"type": "graph", "nodes": {"a:b": scripted()},
+     "entry": "a:b"}}, C, "config.nodes.a:b"),
+    ("fail_with (no such field)", {"config": {**OK, "fail_with": "error"}}, C, "config.fail_with"),
 ]
 
 

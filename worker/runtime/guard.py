@@ -76,8 +76,9 @@ class Guard:
 
     def begin(self) -> None:
         """A wait for the source starts (in the task the guard may cancel)."""
-        if self._task is None:
-            self._task = asyncio.current_task()
+        # The task of this wait: a caller may await each step in a task of its own
+        # (asyncio.wait_for on Python 3.11), and the timer must cancel that one.
+        self._task = asyncio.current_task()
         self._since = now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             # Checked before awaiting: buffered events arrive without a suspension,

@@ -19,6 +19,13 @@ from .scrub import scrub
 
 __all__ = ["build_chat_model", "model_cache", "provider_error"]
 
+#: Seconds a provider connection may stay silent when no limit of the run is set,
+#: and may take to connect.
+_READ_TIMEOUT_S = 600.0
+_CONNECT_TIMEOUT_S = 10.0
+#: What the type or code of a retryable error event inside a stream contains.
+_RETRYABLE_STREAM_ERRORS = ("server", "overload", "rate_limit", "timeout", "unavailable")
+
 #: Built models by settings and credentials (see :mod:`.model_cache`).
 model_cache = cache_from_env()
 
@@ -112,8 +119,17 @@ def _chat_openai(
         stream_usage=True,
         http_async_client=_http_client(),
         max_retries=0,  # retries are the job runner's, with resets and backoff
-        timeout=60,
+        # The run's limits (timeout_ms, stall_timeout_ms) bound the waits for the model;
+        # this only ends a connection that went silent when no limit is set. A first
+        # token may take minutes (long prompts, reasoning models).
+        timeout=_http_timeout(),
     )
+
+
+def _http_timeout() -> Any:
+    import httpx
+
+    return httpx.Timeout(_READ_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S)
 
 
 def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
@@ -133,6 +149,18 @@ def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
     if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
         return ProviderError(text, retryable=True)
     if isinstance(exc, openai.APIError):
-        # Mid-stream failures surface as bare APIError: the connection was cut.
-        return ProviderError(text, retryable=True)
+        # Mid-stream: an error event the provider sent (its body says what), or
+        # nothing at all when the connection was cut.
+        return ProviderError(text, retryable=_retryable_stream_error(exc.body))
     return ProviderError(text, retryable=False, status_code=status)
+
+
+def _retryable_stream_error(body: object) -> bool:
+    """An error event inside a stream: worth retrying only when the provider's side
+    failed (overloaded, rate limited, a server error), not the request."""
+    if not isinstance(body, dict):
+        return True  # no event: the stream was cut
+    inner = body.get("error")
+    error: dict[str, Any] = inner if isinstance(inner, dict) else body
+    words = " ".join(str(error.get(k) or "") for k in ("type", "code")).lower()
+    return any(w in words for w in _RETRYABLE_STREAM_ERRORS)

@@ -96,6 +96,11 @@ class Run:
         limit = self.limits.max_model_calls
         if limit is not None and self.model_calls >= limit:
             raise LimitExceeded("max_model_calls", f"{limit} model calls already made")
+        n_in = 0
+        if self.limits.max_cost_usd is not None and model in self.pricing:
+            # Checked before the call counts: a call the budget stops is never sent.
+            n_in = count_tokens(prompt_text, model)[0]
+            self._check_cost(cost_usd(self.pricing.get(model), n_in, 0))
         self.model_calls += 1
         acc = self.nodes.get(node)
         if acc is None:
@@ -104,10 +109,9 @@ class Run:
         self._inflight_node = acc
         self._inflight_prompt = prompt_text
         self._inflight_parts = []
-        self._inflight_input = 0
-        if self.limits.max_cost_usd is not None and model in self.pricing:
-            self._inflight_input = count_tokens(prompt_text, model)[0]
-            self._check_cost()
+        self._inflight_input = n_in
+        # A node's own ending decides the run's, not an earlier node's.
+        self.finish_reason = "stop"
 
     def begin_tool_call(self, name: str) -> None:
         limit = self.limits.max_tool_calls
@@ -142,12 +146,16 @@ class Run:
         if check and self.limits.max_cost_usd is not None:
             self._check_cost()
 
-    def _check_cost(self) -> None:
+    def _check_cost(self, next_call: Decimal | None = None) -> None:
+        """Raise once the cost so far, with ``next_call``'s (a call about to be sent), or
+        the call in flight's estimate, passes the budget."""
         limit = self.limits.max_cost_usd
         assert limit is not None
         total = self.cost() or Decimal(0)
         acc = self._inflight_node
-        if acc is not None:
+        if next_call is not None:
+            total += next_call
+        elif acc is not None:
             # Estimate the call in flight: its prompt, and at least one token per chunk so far.
             out = max(len(self._inflight_parts), math.ceil(sum(map(len, self._inflight_parts)) / 4))
             total += cost_usd(self.pricing.get(acc.model), self._inflight_input, out) or Decimal(0)
