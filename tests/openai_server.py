@@ -30,6 +30,11 @@ _TOKEN = re.compile(r"\s*\S+|\s+")
 class ToolCall:
     name: str
     args: dict[str, Any] = field(default_factory=dict)
+    raw_args: str | None = None  # sent as the arguments instead of ``args`` (malformed JSON)
+
+    @property
+    def arguments(self) -> str:
+        return self.raw_args if self.raw_args is not None else json.dumps(self.args)
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "id": f"call_{i}",
                     "type": "function",
-                    "function": {"name": c.name, "arguments": json.dumps(c.args)},
+                    "function": {"name": c.name, "arguments": c.arguments},
                 }
                 for i, c in enumerate(reply.tool_calls)
             ]
@@ -201,7 +206,7 @@ class _Handler(BaseHTTPRequestHandler):
                     }
                 )
                 chunk(
-                    {"tool_calls": [{"index": i, "function": {"arguments": json.dumps(call.args)}}]}
+                    {"tool_calls": [{"index": i, "function": {"arguments": call.arguments}}]}
                 )
             chunk({}, _finish(reply))
             if reply.usage and (body.get("stream_options") or {}).get("include_usage"):

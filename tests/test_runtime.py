@@ -147,6 +147,30 @@ def test_agent_calls_a_tool_and_answers(openai_server: FakeOpenAI) -> None:
     assert tool_msg["tool_call_id"] == call.data["call_id"]
 
 
+def test_agent_tells_the_model_its_tool_call_was_malformed_and_goes_on(
+    openai_server: FakeOpenAI,
+) -> None:
+    m = openai_server.script(
+        model("sloppy-agent"),
+        Reply(text="", tool_calls=(ToolCall("calculator", raw_args="{expression: '6*7'}"),)),
+        Reply(text="", tool_calls=(ToolCall("calculator", {"expression": "6*7"}),)),
+        Reply(text="It is 42."),
+    )
+    config = {**llm(m), "type": "agent", "tools": ["calculator"]}
+    ex = create_executor(config, creds(openai_server))
+    events = run(collect(ex.events("six times seven?")))
+    results = [e.data["output"] for e in events if e.type == "tool_result"]
+    assert results[0].startswith("error:") and "not a JSON object" in results[0]
+    assert results[1] == "42"
+    result = ex.last_result
+    assert result is not None and result.text == "It is 42." and result.finish_reason == "stop"
+    assert (result.model_calls, result.tool_calls) == (3, 2)
+    second = _requests(openai_server, m)[1]
+    told = second["messages"][-1]  # the error went back as the malformed call's answer
+    assert told["role"] == "tool" and told["content"] == results[0]
+    assert second["messages"][-2]["tool_calls"][0]["id"] == told["tool_call_id"]
+
+
 def test_agent_unknown_tool_is_refused_at_build_time(openai_server: FakeOpenAI) -> None:
     config = {**llm("x"), "type": "agent", "tools": ["calculator", "rm_rf"]}
     with pytest.raises(ConfigError) as info:

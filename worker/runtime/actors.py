@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from langchain_core.messages import AIMessage, BaseMessage, ToolMessage
 
@@ -75,19 +75,29 @@ async def run_node(
             yield event
         answer = reply[0]
         messages.append(answer)
-        if not answer.tool_calls or not tools:
+        calls: list[Any] = [*answer.tool_calls, *answer.invalid_tool_calls]
+        if not calls or not tools:
             return
-        for call in answer.tool_calls:
-            run.begin_tool_call(call["name"])
+        for call in calls:
+            name = call.get("name") or ""
+            run.begin_tool_call(name)
             call_id = call.get("id") or ""
+            args = call.get("args")
             yield RunEvent(
                 "tool_call",
                 node=node,
-                data={"tool": call["name"], "call_id": call_id, "args": json.dumps(call["args"])},
+                data={
+                    "tool": name,
+                    "call_id": call_id,
+                    "args": args if isinstance(args, str) else json.dumps(args or {}),
+                },
             )
-            tool = get_tool(call["name"])
-            if tool is None or tool not in tools:
-                output = f"error: tool {call['name']!r} is not available to this actor"
+            tool = get_tool(name)
+            if call.get("type") == "invalid_tool_call":
+                # Told, as a failing tool is, so the model can call again properly.
+                output = f"error: the arguments of {name!r} are not a JSON object"
+            elif tool is None or tool not in tools:
+                output = f"error: tool {name!r} is not available to this actor"
             else:
                 try:
                     output = str(await tool.ainvoke(call["args"]))
@@ -95,9 +105,7 @@ async def run_node(
                     output = f"error: {type(exc).__name__}: {executor.scrub(str(exc))}"
             output = output[:_TOOL_OUTPUT_MAX]
             yield RunEvent(
-                "tool_result",
-                node=node,
-                data={"tool": call["name"], "call_id": call_id, "output": output},
+                "tool_result", node=node, data={"tool": name, "call_id": call_id, "output": output}
             )
             messages.append(ToolMessage(content=output, tool_call_id=call_id))
     run.finish_reason = "max_iterations"

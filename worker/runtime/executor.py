@@ -342,14 +342,16 @@ class _ModelCall:
         output = "".join(self.parts)
         self.run.end_model_call(self.usage, output)
         tool_calls: list[Any] = []
+        invalid: list[Any] = []
         if self.tool_chunks:
             merged = self.tool_chunks[0]
             for c in self.tool_chunks[1:]:
                 merged = merged + c
             tool_calls = list(merged.tool_calls)
+            invalid = list(merged.invalid_tool_calls)  # arguments that are not JSON
         if self.finish == "length":
             self.run.finish_reason = "length"
-        return AIMessage(content=output, tool_calls=tool_calls)
+        return AIMessage(content=output, tool_calls=tool_calls, invalid_tool_calls=invalid)
 
 
 def _check_message(message: object) -> None:
