@@ -262,3 +262,34 @@ def test_the_last_node_decides_the_finish_reason(openai_server: FakeOpenAI) -> N
     r2 = openai_server.script(model("cut-review"), Reply(text="fi", finish_reason="length"))
     result = run(create_executor(review_graph(d, r2), creds(openai_server)).execute("go"))
     assert result.finish_reason == "length"
+
+
+async def _slow_lookup(query: str) -> str:
+    """Look something up, slowly (a test tool)."""
+    await asyncio.sleep(0.6)
+    return f"found {query}"
+
+
+def test_the_stall_limit_waits_for_the_model_not_for_tools(openai_server: FakeOpenAI) -> None:
+    from worker import register_tool
+
+    register_tool(_slow_lookup, name="slow_lookup_for_stall_test")
+    call = ToolCall("slow_lookup_for_stall_test", {"query": "x"})
+    m = openai_server.script(
+        model("tool-stall"), Reply(text="", tool_calls=(call,)), Reply(text="ok")
+    )
+    config = {**llm(m), "type": "agent", "tools": ["slow_lookup_for_stall_test"]}
+    limits = {"stall_timeout_ms": 300}
+    # The tool takes 0.6 s: longer than the stall limit, which is the model's.
+    result = run(create_executor(config, creds(openai_server), limits).execute("go"))
+    assert result.text == "ok" and result.tool_calls == 1
+    # The model still may not stall, before or after a tool.
+    slow = openai_server.script(
+        model("tool-then-stall"),
+        Reply(text="", tool_calls=(call,)),
+        Reply(text="late", first_delay_s=2),
+    )
+    ex = create_executor({**config, "model": slow}, creds(openai_server), limits)
+    with pytest.raises(LimitExceeded) as info:
+        run(ex.execute("go"))
+    assert info.value.limit == "stall_timeout_ms"

@@ -144,11 +144,14 @@ class Executor:
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
         with self._settle(run):
             try:
+                stall = True
                 while True:
                     try:
-                        event = await guard.next(inner)
+                        event = await guard.next(inner, stall=stall)
                     except StopAsyncIteration:
                         break
+                    # After a tool call the source runs the tool: no model to stall.
+                    stall = event.type != "tool_call"
                     yield event
                 self.last_result = run.result()
             finally:

@@ -33,9 +33,11 @@ class Guard:
         self._expired: str | None = None
         self._task: asyncio.Task[object] | None = None
         self._handle: asyncio.TimerHandle | None = None
+        self._stalls = True  # whether the wait in progress counts against stall_timeout_ms
 
     def _due(self) -> float | None:
-        dues = [d for d in (self._deadline, self._stall and self._since + self._stall) if d]
+        stall = self._stall if self._stalls else None
+        dues = [d for d in (self._deadline, stall and self._since + stall) if d]
         return min(dues) if dues else None
 
     def _arm(self) -> None:
@@ -52,21 +54,21 @@ class Guard:
         now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             self._expired = "timeout_ms"
-        elif self._stall is not None and now >= self._since + self._stall:
+        elif self._stalls and self._stall is not None and now >= self._since + self._stall:
             self._expired = "stall_timeout_ms"
         if self._expired:
             self._task.cancel()
         else:
             self._arm()  # the model sent something since this timer was set
 
-    async def next(self, source: AsyncIterator[T]) -> T:
+    async def next(self, source: AsyncIterator[T], *, stall: bool = True) -> T:
         """``await source.__anext__()``, raising :class:`LimitExceeded` when a limit passes.
 
         The same as :meth:`begin`, the await, :meth:`raise_cancelled` on a cancel and
         :meth:`end`, which the worker's token path (``Executor._push_model``) writes
         out to save a coroutine per token.
         """
-        self.begin()
+        self.begin(stall)
         try:
             return await source.__anext__()
         except asyncio.CancelledError as exc:
@@ -74,8 +76,12 @@ class Guard:
         finally:
             self._waiting = False
 
-    def begin(self) -> None:
-        """A wait for the source starts (in the task the guard may cancel)."""
+    def begin(self, stall: bool = True) -> None:
+        """A wait for the source starts (in the task the guard may cancel).
+
+        ``stall`` False: this wait is not for the model (a tool runs), so only
+        ``timeout_ms`` bounds it.
+        """
         # The task of this wait: a caller may await each step in a task of its own
         # (asyncio.wait_for on Python 3.11), and the timer must cancel that one.
         self._task = asyncio.current_task()
@@ -85,6 +91,11 @@ class Guard:
             # so a timer alone would never fire for a slow consumer.
             raise self._exceeded("timeout_ms")
         self._waiting = True
+        if stall != self._stalls:  # the timer was set for the other kind of wait
+            self._stalls = stall
+            if self._handle is not None:
+                self._handle.cancel()
+                self._handle = None
         if self._handle is None:
             self._arm()
 
