@@ -23,6 +23,7 @@ scheme as before. ``rediss://`` keeps kombu's own, with its TLS defaults.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
@@ -38,6 +39,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .resp import evalsha, script_sha
 
 __all__ = ["REDIS_TRANSPORT", "Channel", "QoS", "Transport", "install"]
+
+log = logging.getLogger("actorq.broker")
 
 #: This transport, as kombu names transports.
 REDIS_TRANSPORT = "producer.broker:Transport"
@@ -140,6 +143,21 @@ class QoS(kombu_redis.QoS):
 class Channel(kombu_redis.Channel):
     QoS = QoS
     _shared_client: Any = None
+
+    def _brpop_read(self, **options: Any) -> Any:
+        """kombu's read of one message, which drops a message it can't take in.
+
+        An item on the queue that is not a kombu envelope (not JSON, its properties
+        of the wrong types) raised out of the consumer and stopped the worker; it
+        was already popped, so nothing of it can be kept.
+        """
+        try:
+            return super()._brpop_read(**options)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.error(
+                "dropped a malformed message from the queue (%s: %s)", type(exc).__name__, exc
+            )
+            return True
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:  # the consumer's BRPOP client: one already, kept by kombu

@@ -7,6 +7,7 @@ broken payloads, as anyone with broker or Redis access could do.
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -67,6 +68,10 @@ class Garbage:
                 producer.publish(
                     body, exchange="", routing_key=self.queue, headers=headers, serializer="json"
                 )
+
+    def envelope(self, item: bytes) -> None:
+        """Push ``item`` onto the queue as it is, where kombu expects its JSON envelope."""
+        self.r.lpush(self.queue, item)
 
     def good_payload(self, **change: Any) -> dict[str, Any]:
         payload, _ = self.client._build_payload(
@@ -285,6 +290,8 @@ RAW = [
     ("retries str", json.dumps([["x"], {}, {}]), {"task": TASK_NAME, "retries": "x"}, JSON),
     ("id int", json.dumps([["x"], {}, {}]), {"task": TASK_NAME, "id": 5}, JSON),
     ("builtin task junk", '"garbage"', {"task": "celery.backend_cleanup"}, JSON),
+    ("task header a list", json.dumps([["x"], {}, {}]), {"task": [TASK_NAME]}, JSON),
+    ("task header a mapping", json.dumps([["x"], {}, {}]), {"task": {"a": 1}}, JSON),
 ]
 
 
@@ -298,3 +305,36 @@ def test_raw_junk_on_the_queue_leaves_the_worker_serving(
     # (the task message, if it had one, was rejected before it could run anything)
     garbage.drained()
     garbage.still_serving()
+
+
+def _envelope(**properties: Any) -> bytes:
+    body = base64.b64encode(json.dumps([["x"], {"v": 1}, {}]).encode()).decode()
+    return json.dumps(
+        {
+            "body": body,
+            "content-encoding": "utf-8",
+            "content-type": JSON,
+            "headers": {"task": TASK_NAME, "id": str(uuid.uuid4()), "lang": "py"},
+            "properties": {"body_encoding": "base64", "delivery_tag": str(uuid.uuid4()),
+                           **properties},
+        }
+    ).encode()  # fmt: skip
+
+
+ENVELOPES = [
+    ("not json", b"\x80 not json {{"),
+    ("a json list", b"[1, 2, 3]"),
+    ("delivery_info a string", _envelope(delivery_info="x")),
+]
+
+
+@pytest.mark.parametrize("item", [e[1] for e in ENVELOPES], ids=[e[0] for e in ENVELOPES])
+def test_a_queue_item_that_is_no_envelope_is_dropped_and_the_worker_serves_on(
+    garbage: Garbage, item: bytes
+) -> None:
+    if not garbage.env.get("CELERY_BROKER_URL", "redis").startswith("redis"):
+        pytest.skip("the item is pushed onto a Redis broker's queue")
+    garbage.envelope(item)
+    garbage.drained()
+    garbage.still_serving()
+    assert "dropped a malformed message from the queue" in garbage.log()

@@ -28,6 +28,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from celery.exceptions import InvalidTaskError
 from celery.worker import state
 from celery.worker.consumer import Consumer as CeleryConsumer
 from vine import promise
@@ -60,6 +61,30 @@ class Consumer(CeleryConsumer):
         self._event_flush_pending = False
         self._schedule_event_flush = promise(self._start_event_flush_timer)
         self._flush_buffered_events = promise(self._flush_event_batch)
+
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        """Celery's handler, behind a check of the message's ``task`` name.
+
+        Celery looks the name up among its strategies before any strategy runs: a
+        name that is a list or a mapping raised ``TypeError`` there, which stopped
+        the worker, and the message, restored unacked, stopped every worker after it.
+        """
+        handler = super().create_task_handler(promise)
+
+        def on_task_received(message: Any) -> Any:
+            headers = message.headers
+            name = headers.get("task") if isinstance(headers, Mapping) else None
+            if name is not None and not isinstance(name, str):
+                exc = InvalidTaskError("header task must be a string")
+                return self.on_invalid_task(None, message, exc)
+            try:
+                return handler(message)
+            except TypeError as exc:  # a protocol-1 body naming its task by a non-string
+                if message.acknowledged:
+                    raise
+                return self.on_invalid_task(None, message, InvalidTaskError(str(exc)))
+
+        return on_task_received
 
     def on_send_event_buffered(self) -> None:
         """A task event was buffered (on any thread): flush within ``ACTORQ_EVENT_FLUSH_MS``."""
