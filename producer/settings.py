@@ -22,20 +22,32 @@ N = TypeVar("N", int, float)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def env_number(name: str, default: N, kind: type[N], env: Mapping[str, str] | None = None) -> N:
+def env_number(
+    name: str,
+    default: N,
+    kind: type[N],
+    env: Mapping[str, str] | None = None,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+) -> N:
     """``name`` from ``env`` (the process environment by default) as ``kind``.
 
-    Unset or blank: ``default``. Not a number: ``ValueError`` naming the variable;
-    the caller checks the range, in words of its own.
+    Unset or blank: ``default``. Not a number, or outside ``[low, high]`` when
+    given: ``ValueError`` naming the variable.
     """
     raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
         return default
     try:
-        return kind(raw)
+        value = kind(raw)
     except ValueError:
         what = "an integer" if kind is int else "a number"
         raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
+        raise ValueError(f"{name} must be {bounds}, got {raw!r}")
+    return value
 
 
 def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> bool:
@@ -49,19 +61,6 @@ def env_flag(name: str, default: bool, env: Mapping[str, str] | None = None) -> 
     if raw not in ("0", "1"):
         raise ValueError(f"{name} must be 0 or 1, got {raw!r}")
     return raw == "1"
-
-
-def _int(env: dict[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    return value
 
 
 _TLS_VARS = (
@@ -143,13 +142,13 @@ class Settings:
             redis_url=e.get("REDIS_URL") or DEFAULT_REDIS_URL,
             broker_url=broker_url,
             queue=e.get("ACTORQ_QUEUE") or "actorq",
-            retention_s=_int(e, "ACTORQ_RETENTION_S", 86_400),
-            max_config_bytes=_int(e, "ACTORQ_MAX_CONFIG_BYTES", 64 * 1024),
-            max_message_bytes=_int(e, "ACTORQ_MAX_MESSAGE_BYTES", 256 * 1024),
-            stream_max_events=_int(e, "ACTORQ_STREAM_MAX_EVENTS", 100_000),
-            max_attempts=_int(e, "ACTORQ_MAX_ATTEMPTS", 3),
-            lease_ttl_s=_int(e, "ACTORQ_LEASE_TTL_S", 15),
-            tail_connections=max(2, _int(e, "ACTORQ_TAIL_CONNECTIONS", 4)),
+            retention_s=env_number("ACTORQ_RETENTION_S", 86_400, int, e, low=1),
+            max_config_bytes=env_number("ACTORQ_MAX_CONFIG_BYTES", 64 * 1024, int, e, low=1),
+            max_message_bytes=env_number("ACTORQ_MAX_MESSAGE_BYTES", 256 * 1024, int, e, low=1),
+            stream_max_events=env_number("ACTORQ_STREAM_MAX_EVENTS", 100_000, int, e, low=1),
+            max_attempts=env_number("ACTORQ_MAX_ATTEMPTS", 3, int, e, low=1),
+            lease_ttl_s=env_number("ACTORQ_LEASE_TTL_S", 15, int, e, low=1),
+            tail_connections=max(2, env_number("ACTORQ_TAIL_CONNECTIONS", 4, int, e, low=1)),
             secret_keys=keys,
             redis_options=redis_tls_options(e),
             broker_ssl=broker_ssl_options(broker_url, e),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
-from celery import Celery
+from celery import Celery, bootsteps
 from celery.signals import (
     after_setup_logger,
-    worker_init,
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
@@ -17,7 +17,7 @@ from celery.signals import (
 import celeryconfig
 from producer.gctune import freeze_startup_heap, tune_gc
 from producer.schema import TASK_NAME, task_message
-from producer.settings import Settings
+from producer.settings import Settings, env_flag
 
 from . import logctx, metrics
 from .jobs import JobRunner
@@ -42,16 +42,24 @@ def _structured_logs(logger: logging.Logger, **_: object) -> None:
     logctx.install(logger)
 
 
-@worker_init.connect
-def _metrics_endpoint(**_: object) -> None:
-    """Serve /metrics on ACTORQ_METRICS_PORT (when set) for the worker's lifetime."""
-    metrics.serve()
+class StartFromEnvironment(bootsteps.StartStopStep):
+    """Worker bootstep: apply the settings the environment gives, or stop the worker.
+
+    Celery logs and swallows what a signal handler raises, so a bad value read
+    there left a worker that looked ready and failed (and acked) every job.
+    Raised from a bootstep, it stops the worker at start, naming the variable.
+    """
+
+    requires = ("celery.worker.components:Pool",)
+
+    def start(self, worker: Any) -> None:
+        tune_gc()  # ACTORQ_GC_THRESHOLD: fewer generation-1 collections on the token path
+        env_flag("ACTORQ_GC_FREEZE", True)  # applied once the worker is ready
+        metrics.serve()  # /metrics on ACTORQ_METRICS_PORT, when set
+        get_runner()  # Settings and the job runner's own ACTORQ_* variables
 
 
-@worker_init.connect
-def _gc_thresholds(**_: object) -> None:
-    """Fewer generation-1 collections on the token path (``ACTORQ_GC_THRESHOLD``)."""
-    tune_gc()
+app.steps["worker"].add(StartFromEnvironment)
 
 
 @worker_shutdown.connect

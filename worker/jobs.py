@@ -27,7 +27,7 @@ from producer import scripts
 from producer.errors import ActorqError, MessageDecodeError
 from producer.resp import transient_reply
 from producer.schema import ActorResult, JobStatus
-from producer.settings import Settings
+from producer.settings import Settings, env_number
 
 from . import logctx, metrics
 from .errors import LimitExceeded, ProviderError
@@ -62,7 +62,7 @@ class JobRunner:
         self.settings = settings
         pool = aioredis.BlockingConnectionPool.from_url(
             settings.redis_url,
-            max_connections=int(os.environ.get("ACTORQ_REDIS_CONNECTIONS", "8")),
+            max_connections=env_number("ACTORQ_REDIS_CONNECTIONS", 8, int, low=1),
             timeout=None,
             retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
@@ -84,8 +84,8 @@ class JobRunner:
             self.redis, settings, requeue, run_script=self.publisher.run_script
         )
         self.worker_name = f"{socket.gethostname()}:{os.getpid()}"
-        self.provider_retries = int(os.environ.get("ACTORQ_PROVIDER_RETRIES", "3"))
-        self.stall_timeout_ms = int(os.environ.get("ACTORQ_STALL_TIMEOUT_MS", "120000"))
+        self.provider_retries = env_number("ACTORQ_PROVIDER_RETRIES", 3, int, low=0, high=100)
+        self.stall_timeout_ms = env_number("ACTORQ_STALL_TIMEOUT_MS", 120_000, int, low=1)
         # How long an attempt waits for Redis to take its last entries before it gives
         # the job up to the sweeper (by then its lease has lapsed anyway).
         self.drain_timeout_s = max(30.0, 2.0 * settings.lease_ttl_s)

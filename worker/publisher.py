@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from producer import keys, scripts
 from producer.resp import bulk, evalsha, script_sha, wrong_node_reply
-from producer.settings import Settings
+from producer.settings import Settings, env_number
 
 from . import metrics
 
@@ -110,7 +110,7 @@ class Publisher:
         self._stamp = os.environ.get("ACTORQ_STAMP_TOKENS", "") == "1"
         # Pipelines start at most this often: a token after a quiet spell goes out at
         # once, but under load the tokens of a few milliseconds share one round trip.
-        self._interval = float(os.environ.get("ACTORQ_PUBLISH_INTERVAL_MS", "1")) / 1000
+        self._interval = env_number("ACTORQ_PUBLISH_INTERVAL_MS", 1.0, float, low=0, high=1000) / 1000
         self._last_send = 0.0
         # A pipeline unanswered this long has its connection cut and is sent again. One
         # watchdog timer checks it, rather than a deadline armed for every round trip.
