@@ -53,13 +53,14 @@ def test_tune_gc_applies_or_leaves_alone(restore_gc: None) -> None:
     assert tune_gc({}) == DEFAULT_GC_THRESHOLD
 
 
-def test_the_worker_app_tunes_gc_at_start(restore_gc: None) -> None:
-    from celery.signals import worker_init
+def test_the_worker_app_tunes_gc_at_start(
+    restore_gc: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.app as worker_app
 
-    import worker.app  # noqa: F401  (connects the handler)
-
+    monkeypatch.setattr(worker_app, "get_runner", lambda: None)  # no job runner here
     gc.set_threshold(700, 10, 10)
-    worker_init.send(sender=None)
+    worker_app.StartFromEnvironment(None).start(None)  # the worker's start-up bootstep
     assert gc.get_threshold() == DEFAULT_GC_THRESHOLD
 
 
