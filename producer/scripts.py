@@ -195,15 +195,18 @@ if capped then return -2 end
 return added
 """
 
-# KEYS: lease, cancel, job, running index. ARGV: owner, lease_ms, ttl, index_deadline,
-# job_id -> {held, cancel_requested}
+# KEYS: lease, cancel, job, running index, events. ARGV: owner, lease_ms, ttl,
+# index_deadline, job_id -> {held, cancel_requested}
 # The index entry is moved on only under the lease: a renewal that reaches Redis after
-# the job's FINISH (which drops the lease and the entry) must not put it back.
+# the job's FINISH (which drops the lease and the entry) must not put it back. The
+# stream's TTL moves with the record's: a run quiet for longer than the retention
+# must not lose its stream's first entries.
 RENEW = """
 local held = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   redis.call('EXPIRE', KEYS[3], ARGV[3])
+  redis.call('EXPIRE', KEYS[5], ARGV[3])
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
   held = 1
 end

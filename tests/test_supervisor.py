@@ -103,6 +103,35 @@ def test_a_renewal_that_reaches_redis_after_the_ending_leaves_the_running_index_
     assert live_score is not None and live_score < _FAR  # moved to the new lease's end
 
 
+def test_a_renewal_keeps_the_stream_as_long_as_the_record(stack_env: dict[str, str]) -> None:
+    """A run quiet for longer than the retention (a slow first token, a long tool) must
+    not lose its stream's first entries while its record lives on."""
+    settings = Settings.from_env(stack_env)
+    job_id = f"quiet-renew-{uuid.uuid4().hex[:8]}"
+
+    async def main() -> tuple[int, int]:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        supervisor = Supervisor(r, settings, lambda *_: None)
+        task = asyncio.ensure_future(asyncio.sleep(30))
+        try:
+            await r.set(keys.lease_key(job_id), "owner", ex=60)
+            await r.hset(keys.job_key(job_id), "status", "running")
+            await r.xadd(keys.events_key(job_id), {"type": "start", "attempt": "1"})
+            for key in (keys.job_key(job_id), keys.events_key(job_id)):
+                await r.expire(key, 5)  # about to lapse
+            await r.zadd(keys.RUNNING_INDEX, {job_id: _FAR})
+            assert await supervisor._renew([ActiveJob(job_id, "owner", task)]) == [(1, 0)]
+            return await r.ttl(keys.job_key(job_id)), await r.ttl(keys.events_key(job_id))
+        finally:
+            task.cancel()
+            await r.zrem(keys.RUNNING_INDEX, job_id)
+            await r.delete(keys.lease_key(job_id), keys.job_key(job_id), keys.events_key(job_id))
+            await r.aclose()
+
+    record_ttl, stream_ttl = asyncio.run(main())
+    assert record_ttl > 60 and stream_ttl > 60 and abs(record_ttl - stream_ttl) <= 1
+
+
 def test_a_renewal_round_of_many_jobs_goes_out_in_batches(stack_env: dict[str, str]) -> None:
     """More jobs than one batch: each gets its own answer, in order, and the leases
     still held are renewed (their running-index deadline moved on)."""

@@ -193,7 +193,13 @@ class Supervisor:
                 calls.append(
                     run(
                         scripts.RENEW,
-                        [keys.lease_key(job_id), keys.cancel_key(job_id), keys.job_key(job_id), index],
+                        [
+                            keys.lease_key(job_id),
+                            keys.cancel_key(job_id),
+                            keys.job_key(job_id),
+                            index,
+                            keys.events_key(job_id),
+                        ],
                         [job.owner, *shared, job_id],
                     )
                 )
