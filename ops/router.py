@@ -40,6 +40,7 @@ from starlette.routing import Route
 
 from producer import Client, InvalidInput, JobNotFound, Settings, sse
 from producer.gctune import tuned_gc
+from producer.settings import env_number
 
 __all__ = ["app", "create_app", "demo_actor", "serve"]
 
@@ -68,7 +69,8 @@ def create_app(client: Client | None = None) -> Starlette:
     state: dict[str, Any] = {"client": client}
     config = _load_json("ACTORQ_ROUTER_CONFIG") or demo_actor()
     credentials = _load_json("ACTORQ_ROUTER_CREDENTIALS")
-    heartbeat_s = float(os.environ.get("ACTORQ_SSE_HEARTBEAT_S", "15"))
+    # Checked here, at start: a bad value would otherwise fail every stream request.
+    heartbeat_s = env_number("ACTORQ_SSE_HEARTBEAT_S", 15.0, float, low=0.05, high=3600)
 
     def get_client() -> Client:
         if state["client"] is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,11 +40,13 @@ def env_number(
     raw = (os.environ if env is None else env).get(name, "").strip()
     if not raw:
         return default
+    what = "an integer" if kind is int else "a number"
     try:
         value = kind(raw)
     except ValueError:
-        what = "an integer" if kind is int else "a number"
         raise ValueError(f"{name} must be {what}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be {what}, got {raw!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"at least {low:g}" if high is None else f"between {low:g} and {high:g}"
         raise ValueError(f"{name} must be {bounds}, got {raw!r}")

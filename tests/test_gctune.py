@@ -136,3 +136,15 @@ def test_the_router_runs_with_the_gc_settings(
     with pytest.raises(ValueError, match="ACTORQ_GC_THRESHOLD"):
         asyncio.run(serve_once())
     assert gc.get_threshold() == (700, 10, 10)
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan"])
+def test_a_bad_heartbeat_stops_the_router_at_start(
+    monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    from ops.router import create_app
+    from producer import Client, Settings
+
+    monkeypatch.setenv("ACTORQ_SSE_HEARTBEAT_S", value)
+    with pytest.raises(ValueError, match="ACTORQ_SSE_HEARTBEAT_S"):
+        create_app(Client(Settings.from_env({"REDIS_URL": "redis://127.0.0.1:1/0"})))
