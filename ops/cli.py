@@ -52,16 +52,30 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from .commands import worker_argv
 
-    argv = worker_argv(
-        concurrency=args.concurrency,
-        queue=args.queue,
-        hostname=args.hostname,
-        loglevel=args.loglevel,
-        extra=_rest(args.celery_args),
-    )
+    try:
+        argv = worker_argv(
+            concurrency=args.concurrency,
+            queue=args.queue,
+            hostname=args.hostname,
+            loglevel=args.loglevel,
+            extra=_rest(args.celery_args),
+        )
+    except ValueError as exc:  # a setting from the environment
+        print(f"actorq worker: {exc}", file=sys.stderr)
+        return 2
     sys.stdout.flush()
     os.execv(argv[0], argv)  # celery gets the signals itself (warm shutdown on SIGTERM)
     return 0  # pragma: no cover
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _rest(extra: list[str]) -> list[str]:
@@ -276,7 +290,7 @@ def _add_job_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=_cmd_cancel)
 
     p = sub.add_parser("jobs", help="recent jobs with status, tokens and cost")
-    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--limit", type=_positive_int, default=20, help="how many (20)")
     p.add_argument("--status", help="only jobs with this status")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_jobs)

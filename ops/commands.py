@@ -9,7 +9,6 @@ only: one object, or one object per line for event streams.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import redis
+from kombu.exceptions import OperationalError
 
 from producer import (
     ActorqError,
@@ -32,6 +32,7 @@ from producer import (
     Settings,
 )
 from producer import keys as rkeys
+from producer.settings import env_number
 
 __all__ = [
     "Exit",
@@ -103,7 +104,13 @@ def guarded(fn: Any) -> Any:
         except JobTimeout as exc:
             _err(str(exc))
             return Exit.WAIT_TIMEOUT
-        except (redis.ConnectionError, redis.TimeoutError, ConnectionError, OSError) as exc:
+        except (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            ConnectionError,
+            OSError,
+            OperationalError,  # kombu's: the broker is away
+        ) as exc:
             _err(f"cannot reach Redis or the broker: {exc}")
             return Exit.UNAVAILABLE
         except ActorqError as exc:
@@ -203,8 +210,14 @@ def _follow(
             print(event_json(event), file=out, flush=True)
         else:
             _render(event, out)
-    if last is None or last.status is None:  # pragma: no cover - the stream always ends with done
-        return Exit.FAILED
+    if last is None or last.status is None:
+        # Nothing after ``after``: it was at or past the ending. The record has the status.
+        ended = client.get_result(job_id)
+        if ended is None:  # pragma: no cover - a stream ends only with done
+            return Exit.FAILED
+        if not as_json:
+            print(_summary(ended), file=sys.stderr, flush=True)
+        return exit_for_status(ended.status)
     status = last.status
     if not as_json:
         out.write("\n")
@@ -417,7 +430,8 @@ def worker_argv(
     waits on its provider. Anything in ``extra`` is passed to celery unchanged.
     """
     argv = [sys.executable, "-m", "celery", "-A", "worker.app", "worker", "--pool", "threads"]
-    argv += ["--concurrency", str(concurrency or int(os.environ.get("ACTORQ_CONCURRENCY") or 200))]
+    concurrency = concurrency or env_number("ACTORQ_CONCURRENCY", 200, int, low=1)
+    argv += ["--concurrency", str(concurrency)]
     argv += ["--loglevel", loglevel]
     if queue:
         argv += ["--queues", queue]

@@ -144,6 +144,28 @@ def test_bad_input_exits_with_clear_codes(
     assert job.returncode == Exit.OK and job.stdout.strip() == "fine"
 
 
+def test_exit_codes_at_the_edges(stack_env: dict[str, str], tmp_path: Path, client: Client) -> None:
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(scripted("fine")))
+    # The broker away: "unavailable", not a traceback.
+    dead = {**stack_env, "CELERY_BROKER_URL": "redis://127.0.0.1:1/0"}
+    down = actorq("enqueue", "--config", str(good), "hi", env=dead)
+    assert down.returncode == Exit.UNAVAILABLE and "cannot reach" in down.stderr, down.stderr
+    assert "Traceback" not in down.stderr
+    # Tailing from the ending (a resumed follower): the job's own status at once.
+    job_id = client.enqueue_actor_job(scripted("fine"), "go")
+    record = client.wait_result(job_id, timeout=30)
+    assert record.done_id is not None
+    tail = actorq("tail", job_id, "--after", record.done_id, "--timeout", "10", env=stack_env)
+    assert tail.returncode == Exit.OK and tail.stdout == "", tail.stderr
+    # Settings and arguments out of range are usage errors naming what is wrong.
+    worker = actorq("worker", env={**stack_env, "ACTORQ_CONCURRENCY": "abc"})
+    assert worker.returncode == Exit.USAGE and "ACTORQ_CONCURRENCY" in worker.stderr
+    for limit in ("0", "-3"):
+        jobs = actorq("jobs", "--limit", limit, env=stack_env)
+        assert jobs.returncode == Exit.USAGE and "--limit" in jobs.stderr
+
+
 def test_actorq_worker_runs_jobs_with_threads_pool(
     stack_env: dict[str, str], tmp_path: Path, session_tag: str
 ) -> None:
