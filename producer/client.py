@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 import uuid
 import weakref
@@ -53,9 +54,11 @@ __all__ = ["CancelOutcome", "Client", "celery_app", "use_broker"]
 
 _IDEM_PATTERN = re.compile(r"^[\x21-\x7e]{1,200}$")
 _BLOCK_MS = 2000
-#: How long a caller waits for the first enqueue under its idempotency key to send
-#: its job before taking the work over, and how often it looks.
-_IDEM_WAIT_S = 5.0
+#: How long an idempotency key is held by an enqueue still creating and sending its
+#: job (longer than any send: the broker's socket timeout is 30 s), how long a caller
+#: that finds it held waits for that send, and how often it looks.
+_IDEM_PENDING_TTL_S = 300
+_IDEM_WAIT_S = 10.0
 _IDEM_POLL_S = 0.02
 _DONE = EventType.DONE.value  # the type of a stream's last entry
 
@@ -119,6 +122,7 @@ class Client:
             weakref.WeakKeyDictionary()
         )
         self._celery = celery_app
+        self._loops_lock = threading.Lock()
 
     # -- connections -------------------------------------------------------------
 
@@ -148,9 +152,10 @@ class Client:
         go: each ``asyncio.run`` would leave its pools (and sockets) behind. Dropped,
         they are collected and their sockets closed.
         """
-        for table in (self._aredis, self._tails):
-            for loop in [loop for loop in table if loop.is_closed()]:
-                del table[loop]
+        with self._loops_lock:  # one Client may serve threads that each run a loop
+            for table in (self._aredis, self._tails):
+                for loop in [loop for loop in list(table) if loop.is_closed()]:
+                    table.pop(loop, None)
 
     @property
     def celery(self) -> Celery:
@@ -192,43 +197,36 @@ class Client:
     def _enqueue_once(self, idem: str, job_id: str, payload: dict[str, Any], actor: str) -> str:
         """Enqueue under the idempotency key ``idem``, or return the job it already names.
 
-        The key is taken before the job is created and sent, and given back if either
-        fails, so a retry after a failure enqueues afresh. A caller that finds the
-        key taken returns that job once it has been sent; if the job goes away (its
-        creator failed and undid it), it tries again itself. A creator gone quiet for
-        ``_IDEM_WAIT_S`` (a crash between the steps) has its work finished here: the
-        key taken over, or the created job sent (a second message for one job runs
-        nothing: CLAIM lets one attempt hold it).
+        The key is taken before the job is created and sent, for
+        ``_IDEM_PENDING_TTL_S`` only: an enqueue that fails gives it back at once,
+        and one whose process died mid-way lets it lapse, so a retry enqueues
+        afresh. Once the message is out, the key lives for the retention. A caller
+        that finds the key taken returns that job once it has been sent, and takes
+        the key itself if it goes away (its enqueue failed); after ``_IDEM_WAIT_S``
+        it returns the id it found, that enqueue still in flight.
         """
         r = self.redis
-        ttl = self.settings.retention_s
         deadline = time.monotonic() + _IDEM_WAIT_S
         while True:
-            if not r.set(idem, job_id, nx=True, ex=ttl):
-                raw: Any = r.get(idem)
-                if raw is None:
-                    continue  # given back or expired since: take it
-                other = raw.decode()
-                fields: Any = r.hmget(keys.job_key(other), "status", "sent", "actor")
-                status, sent, other_actor = fields
-                if status is not None and (sent or status != b"queued"):
-                    return other
-                if time.monotonic() < deadline:
-                    time.sleep(_IDEM_POLL_S)
-                    continue
-                if status is not None:  # its creator died before sending it
-                    self._send(other, (other_actor or b"").decode(), None)
-                    return other
-                # Its creator died before creating it: the key becomes this job's.
-                if not r.eval(scripts.IDEM_SWAP, 1, idem, other, job_id, ttl):
-                    continue
-            try:
-                self._create(job_id, payload, actor)
-            except BaseException:
-                self._release(idem, job_id)
-                raise
-            self._send(job_id, actor, idem)
-            return job_id
+            if r.set(idem, job_id, nx=True, ex=_IDEM_PENDING_TTL_S):
+                try:
+                    self._create(job_id, payload, actor)
+                except BaseException:
+                    self._release(idem, job_id)
+                    raise
+                self._send(job_id, actor, idem)
+                return job_id
+            raw: Any = r.get(idem)
+            if raw is None:
+                continue  # given back or lapsed since: take it
+            other = raw.decode()
+            fields: Any = r.hmget(keys.job_key(other), "status", "sent")
+            status, sent = fields
+            if (status is not None and (sent or status != b"queued")) or (
+                time.monotonic() >= deadline
+            ):
+                return other
+            time.sleep(_IDEM_POLL_S)
 
     def _create(self, job_id: str, payload: dict[str, Any], actor: str) -> None:
         created = self.redis.eval(
@@ -256,8 +254,11 @@ class Client:
             raise
         now = time.time()
         pipe = r.pipeline(transaction=False)
-        # Sent: a caller with the same idempotency key may return it from now on.
+        # Sent: a caller with the same idempotency key may return it from now on,
+        # and the key lives as long as the job.
         pipe.hset(keys.job_key(job_id), "sent", 1)
+        if idem is not None:
+            pipe.expire(idem, s.retention_s)
         pipe.zadd(keys.JOBS_INDEX, {job_id: now})
         pipe.zremrangebyscore(keys.JOBS_INDEX, "-inf", now - s.retention_s)
         pipe.execute()

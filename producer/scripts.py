@@ -18,7 +18,6 @@ __all__ = [
     "CREATE",
     "FINISH",
     "IDEM_RELEASE",
-    "IDEM_SWAP",
     "PUBLISH",
     "RENEW",
     "REQUEUE",
@@ -76,13 +75,6 @@ return 1
 IDEM_RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
-"""
-
-# ARGV: the job id the key names now, the one it should name, ttl -> 1 if swapped, else 0.
-IDEM_SWAP = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-return 1
 """
 
 # ARGV: owner, status, error, error_type, result, now, ttl, maxlen, job_id

@@ -249,6 +249,8 @@ class _Shard:
                     # Before the read set is taken: a subscriber that arrives during
                     # this await must be in the read, or it waits a whole BLOCK.
                     self.client_id = int(await self.redis.client_id())
+                    if not self.subs:
+                        return  # the last one left meanwhile
                 streams, command = self._read_set(block)
                 if not streams:  # every subscriber is paused
                     self.has_work.clear()

@@ -111,25 +111,31 @@ def test_a_caller_that_finds_the_key_taken_never_returns_an_undone_job(quiet: Cl
     assert quiet.redis.get(keys.idempotency_key(key)) == job_id.encode()
 
 
-def test_a_key_left_by_a_creator_that_died_is_finished_by_the_next_caller(
+def test_a_key_held_by_an_enqueue_in_flight_is_returned_not_taken_over(
     quiet: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(client_module, "_IDEM_WAIT_S", 0.3)
     r = quiet.redis
-    # Died after taking the key, before creating its job: the key is taken over.
+    # Another process holds the key and has not sent its job yet (a slow broker): the
+    # caller waits, then returns that id; it never makes a second job for the key.
     key = _key()
-    r.set(keys.idempotency_key(key), "never-created", ex=600)
-    job_id = quiet.enqueue_actor_job(scripted("hi"), "go", idempotency_key=key)
-    assert job_id != "never-created" and _sent(quiet, job_id)
-    assert r.get(keys.idempotency_key(key)) == job_id.encode()
-    # Died after creating its job, before sending it: the job is sent, once.
-    key = _key()
+    r.set(keys.idempotency_key(key), "idem-slow-1", ex=60)
     before = _queued_messages(quiet)
-    r.set(keys.idempotency_key(key), "idem-orphan-1", ex=600)
-    quiet._create("idem-orphan-1", {"v": 1, "job_id": "idem-orphan-1"}, "bench")  # not sent
-    assert not _sent(quiet, "idem-orphan-1")
-    assert quiet.enqueue_actor_job(scripted("hi"), "go", idempotency_key=key) == "idem-orphan-1"
-    assert _sent(quiet, "idem-orphan-1")
-    after = _queued_messages(quiet)
-    assert before is None or after == before + 1
-    r.delete(keys.job_key("idem-orphan-1"))
+    assert quiet.enqueue_actor_job(scripted("hi"), "go", idempotency_key=key) == "idem-slow-1"
+    assert not r.exists(keys.job_key("idem-slow-1")) and _queued_messages(quiet) == before
+    # A process that died holding it: the key lapses, and the next enqueue is fresh.
+    key = _key()
+    r.set(keys.idempotency_key(key), "idem-dead-1", px=200)
+    time.sleep(0.3)
+    job_id = quiet.enqueue_actor_job(scripted("hi"), "go", idempotency_key=key)
+    assert job_id != "idem-dead-1" and _sent(quiet, job_id)
+
+
+def test_the_key_is_held_briefly_while_sending_and_as_long_as_the_job_once_sent(
+    quiet: Client,
+) -> None:
+    key = _key()
+    job_id = quiet.enqueue_actor_job(scripted("hi"), "go", idempotency_key=key)
+    ttl = quiet.redis.ttl(keys.idempotency_key(key))
+    assert quiet.settings.retention_s - 5 <= ttl <= quiet.settings.retention_s
+    assert quiet.redis.get(keys.idempotency_key(key)) == job_id.encode()

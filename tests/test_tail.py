@@ -411,3 +411,25 @@ def test_a_bad_timeout_is_refused_naming_the_field(client: Client, bad: Any) -> 
 
     asyncio.run(main())
     assert sync_err.value.field == "timeout"
+
+
+def test_a_reader_whose_last_tail_left_while_it_started_gives_its_connection_back(
+    redis_target: Any,
+) -> None:
+    r = redis_target.client()
+    job_id = _new_job(r)
+
+    async def main() -> None:
+        tail = Tail(redis_target.url)
+        async with tail.subscribe(keys.events_key(job_id), "0"):
+            await asyncio.sleep(0)  # the reader started: it awaits its CLIENT ID now
+        shard = tail._shards[0]
+        for _ in range(100):  # it stops, rather than wait for a subscriber
+            if shard.task is None or shard.task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert shard.task is None or shard.task.done()
+        await tail.aclose()
+
+    asyncio.run(main())
+

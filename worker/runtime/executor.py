@@ -230,11 +230,12 @@ class Executor:
         # Bound once: this loop runs once per token, and Guard.next written out, as a
         # coroutine per token cost more than the guard's own bookkeeping.
         step, begin, end = stream.__anext__, guard.begin, guard.end
+        task = asyncio.current_task()
         keep, count = call.parts.append, run.on_token
         costed = run.limits.max_cost_usd is not None
         try:
             while True:
-                begin()
+                begin(True, task)
                 try:
                     chunk = await step()
                 except StopAsyncIteration:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from ..errors import LimitExceeded
 
@@ -76,15 +76,16 @@ class Guard:
         finally:
             self._waiting = False
 
-    def begin(self, stall: bool = True) -> None:
+    def begin(self, stall: bool = True, task: asyncio.Task[Any] | None = None) -> None:
         """A wait for the source starts (in the task the guard may cancel).
 
         ``stall`` False: this wait is not for the model (a tool runs), so only
         ``timeout_ms`` bounds it.
         """
         # The task of this wait: a caller may await each step in a task of its own
-        # (asyncio.wait_for on Python 3.11), and the timer must cancel that one.
-        self._task = asyncio.current_task()
+        # (asyncio.wait_for on Python 3.11), and the timer must cancel that one. A
+        # caller that waits in one task throughout passes it (one lookup, not one a token).
+        self._task = task or asyncio.current_task()
         self._since = now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             # Checked before awaiting: buffered events arrive without a suspension,
