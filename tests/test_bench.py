@@ -170,3 +170,17 @@ def test_all_streaming_window_is_where_every_job_overlaps() -> None:
     assert window["lag_ms"]["p99"] == 5  # the ramp's and drain's 90s are outside
     assert all_streaming([trace([0, 1], [1, 1]), trace([2, 3], [1, 1])]) is None  # no overlap
     assert all_streaming([a, trace([], [])]) is None  # a job that never streamed
+
+
+def test_the_in_process_comparison_runs_and_prints_its_figures(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ops.bench_inprocess import main as inprocess
+
+    args = ["--jobs", "4", "--tokens", "5", "--delay-ms", "5", "--ttft-ms", "5", "--ramp-s", "0.05"]
+    assert inprocess([*args, "--rounds", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["round 1", "round 2", "median"]
+    assert "x (4 jobs x 5 tokens" in lines[-1]
+    with pytest.raises(SystemExit):
+        inprocess([*args, "--rounds", "0"])
