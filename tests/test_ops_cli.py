@@ -222,6 +222,8 @@ def test_flower_refuses_to_start_without_auth(stack_env: dict[str, str]) -> None
         flower_command(FlowerOptions(), env={})
     with pytest.raises(FlowerConfigError):
         flower_command(FlowerOptions(basic_auth=["nopassword"]), env={})
+    with pytest.raises(FlowerConfigError, match="','"):  # Flower would let "ops:pa" and "ss" in
+        flower_command(FlowerOptions(basic_auth=["ops:pa,ss"]), env={})
     with pytest.raises(FlowerConfigError):
         flower_command(FlowerOptions(local=True, url_prefix="a b"), env={})
     argv, fenv = flower_command(

@@ -14,6 +14,7 @@ and none of them pays redis-py's per-command packing, retry and timeout wrappers
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import math
@@ -110,7 +111,9 @@ class Publisher:
         self._stamp = os.environ.get("ACTORQ_STAMP_TOKENS", "") == "1"
         # Pipelines start at most this often: a token after a quiet spell goes out at
         # once, but under load the tokens of a few milliseconds share one round trip.
-        self._interval = env_number("ACTORQ_PUBLISH_INTERVAL_MS", 1.0, float, low=0, high=1000) / 1000
+        self._interval = (
+            env_number("ACTORQ_PUBLISH_INTERVAL_MS", 1.0, float, low=0, high=1000) / 1000
+        )
         self._last_send = 0.0
         # A pipeline unanswered this long has its connection cut and is sent again. One
         # watchdog timer checks it, rather than a deadline armed for every round trip.
@@ -158,7 +161,9 @@ class Publisher:
         channel.unwritten = True
         self._dirty[channel] = None
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), context=contextvars.Context()
+            )
 
     def run_script(
         self, source: str, keys: Sequence[str], args: Sequence[ScriptArg]
@@ -179,7 +184,7 @@ class Publisher:
         call = _ScriptCall(source, command, loop.create_future())
         self._calls.append(call)
         if self._flusher is None:
-            self._flusher = loop.create_task(self._flush())
+            self._flusher = loop.create_task(self._flush(), context=contextvars.Context())
         return call.reply
 
     async def drain(self, channel: JobChannel) -> None:
@@ -207,6 +212,8 @@ class Publisher:
         self._watchdog = loop.call_later(self._reply_timeout / 4, self._watch)
 
     async def _flush(self) -> None:
+        # Started in an empty context: a pipeline carries many jobs' entries, so its
+        # logs must not name (logctx) whichever job happened to start it.
         try:
             backoff = 0.05
             loop = asyncio.get_running_loop()
@@ -271,7 +278,9 @@ class Publisher:
         finally:
             self._flusher = None
             if self._dirty or self._calls:  # raced with a publish after the loop's last check
-                self._flusher = asyncio.get_running_loop().create_task(self._flush())
+                self._flusher = asyncio.get_running_loop().create_task(
+                    self._flush(), context=contextvars.Context()
+                )
 
     def _forget_scripts(self) -> None:
         self._sha = None

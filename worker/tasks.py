@@ -29,6 +29,8 @@ def run_job(*args: Any, **kwargs: Any) -> str:
     :func:`decode_message` (and ends its job ``failed``) instead of failing
     inside Celery with a ``TypeError`` that leaves the job queued forever.
     """
+    # This pool thread's log context still names its previous job until bound anew.
+    logctx.start_job("-", "")
     try:
         job_id, error = decode_message(args, kwargs)
     except MessageDecodeError as exc:
