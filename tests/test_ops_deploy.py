@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -95,6 +96,16 @@ def test_worker_shutdown_and_autoscaling() -> None:
     assert obj["spec"]["scaleTargetRef"]["name"] == worker["metadata"]["name"]
     (trigger,) = obj["spec"]["triggers"]
     assert trigger["type"] == "redis" and trigger["metadata"]["listName"] == queue
+    # KEDA logs in as the workers' ACL user: without a username it would be "default".
+    (auth,) = [
+        d for d in load_all(DEPLOY / "k8s" / "keda.yaml") if d["kind"] == "TriggerAuthentication"
+    ]
+    refs = {r["parameter"]: r for r in auth["spec"]["secretTargetRef"]}
+    assert set(refs) == {"username", "password"}
+    secrets = {d["metadata"]["name"]: d for d in load_all(DEPLOY / "k8s" / "secret.example.yaml")}
+    login = secrets[refs["username"]["name"]]["stringData"]
+    user = urlsplit(secrets["actorq"]["stringData"]["REDIS_URL"]).username
+    assert login[refs["username"]["key"]] == user and login[refs["password"]["key"]]
 
 
 def test_flower_manifest_keeps_metrics_internal() -> None:
