@@ -81,8 +81,16 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert cap["load_nominal_tokens_per_s"] == opts.jobs * 1000 / opts.delay_ms
     assert (tmp_path / "bench-lag.png").stat().st_size > 1000
     text = "\n".join(lines)
-    for label in ("floor (a)", "naive (b)", "prefork (c)", "token rate / nominal", "MiB",
-                  "Capacity at the nominal rates", "CPU vs floor by round", "(round 2 of 2)"):
+    for label in (
+        "floor (a)",
+        "naive (b)",
+        "prefork (c)",
+        "token rate / nominal",
+        "MiB",
+        "Capacity at the nominal rates",
+        "CPU vs floor by round",
+        "(round 2 of 2)",
+    ):
         assert label in text
 
 
@@ -119,7 +127,9 @@ def test_capacity_is_cores_at_the_nominal_rates() -> None:
                   "redis_cpu_us_per_token": None},
     }  # fmt: skip
     cap = capacity(res)
-    assert cap["load_nominal_tokens_per_s"] == 15_000 and cap["fanin_nominal_tokens_per_s"] == 10_000
+    assert (
+        cap["load_nominal_tokens_per_s"] == 15_000 and cap["fanin_nominal_tokens_per_s"] == 10_000
+    )
     assert cap["floor_cores_at_load_rate"] == pytest.approx(0.75)  # 50 us x 15,000/s
     assert cap["worker_ceiling_vs_floor"] == pytest.approx(1 / 0.75)
     assert cap["worker_cores_at_load_rate"] == pytest.approx(0.9)
@@ -172,15 +182,22 @@ def test_all_streaming_window_is_where_every_job_overlaps() -> None:
     assert all_streaming([a, trace([], [])]) is None  # a job that never streamed
 
 
-def test_the_in_process_comparison_runs_and_prints_its_figures(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from ops.bench_inprocess import main as inprocess
+def test_the_in_process_comparison_runs_and_prints_its_figures() -> None:
+    import subprocess
+    import sys
 
+    # Its own process: it leaves a loop thread with live timers behind, as a worker would.
     args = ["--jobs", "4", "--tokens", "5", "--delay-ms", "5", "--ttft-ms", "5", "--ramp-s", "0.05"]
-    assert inprocess([*args, "--rounds", "2"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    cmd = [sys.executable, "-m", "ops.bench_inprocess", *args]
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [*cmd, "--rounds", "2"], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["round 1", "round 2", "median"]
     assert "x (4 jobs x 5 tokens" in lines[-1]
-    with pytest.raises(SystemExit):
-        inprocess([*args, "--rounds", "0"])
+    bad = subprocess.run(
+        [*cmd, "--rounds", "0"], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert bad.returncode == 2 and "--rounds" in bad.stderr
