@@ -91,26 +91,8 @@ def test_demo_streams_tokens_and_prints_the_record_on_an_embedded_redis() -> Non
 
 
 def test_up_serves_until_stopped_then_leaves_nothing_running() -> None:
-    proc = subprocess.Popen(
-        [ACTORQ, "up", "--concurrency", "4"],
-        env=_env_without_redis(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc, text = _start_until(["up", "--concurrency", "4"], "Ctrl-C", _env_without_redis())
     try:
-        assert proc.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            lines.append(line)
-            if line.startswith("Ctrl-C"):
-                break
-        text = "".join(lines)
         url = re.search(r"export REDIS_URL=(\S+)", text)
         assert url, text
         children = psutil.Process(proc.pid).children(recursive=True)
