@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ from producer import Client, JobStatus, Settings
 from producer.client import celery_app
 from tests.conftest import WorkerFactory
 from tests.helpers import scripted
-from tests.ops_support import http_get
+from tests.ops_support import ROOT, http_get
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -263,3 +264,42 @@ def test_metrics_endpoint_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ACTORQ_METRICS_PORT", "0")  # any free port
     bound = serve(addr="127.0.0.1")
     assert bound and http_get(f"http://127.0.0.1:{bound}/metrics")[0] == 200
+
+
+def test_a_killed_process_leaves_the_streams_in_flight_at_the_next_scrape(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from prometheus_client import generate_latest
+
+    from worker import metrics
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    # A worker process with two streams in flight, killed without a clean exit.
+    code = "import time, worker.metrics as m; m.IN_FLIGHT.inc(2); print('up', flush=True); time.sleep(60)"
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "up"
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+
+        def in_flight() -> float:
+            registry = metrics._registry()
+            assert registry is not None
+            for line in generate_latest(registry).decode().splitlines():
+                if line.startswith("actorq_streams_in_flight "):
+                    return float(line.split()[1])
+            return 0.0
+
+        assert in_flight() == 2.0  # alive: counted
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        assert in_flight() == 0.0  # gone: dropped, though it never said so
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)

@@ -5,7 +5,8 @@ unset; ``ACTORQ_METRICS_ADDR`` picks the address, default all interfaces). With
 ``PROMETHEUS_MULTIPROC_DIR`` set (before the worker starts, an empty directory
 per host), every process writes its samples there and the endpoint serves the
 sum of all of them, so a prefork pool or several processes behind one port are
-counted right; the gauge of streams in flight sums the live processes only.
+counted right; the gauge of streams in flight sums the live processes only (a
+process killed without a clean exit is dropped at the next scrape).
 
 Call sites in the job path are single calls of the functions below; each costs
 well under a microsecond or is made once per job or per pipeline.
@@ -16,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -194,13 +197,56 @@ def process_exited(pid: int | None = None) -> None:
 
 def _registry() -> CollectorRegistry | None:
     """The multiprocess registry when ``PROMETHEUS_MULTIPROC_DIR`` is set, else the default."""
-    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
         return None
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
+    registry.register(_GoneProcesses(path))  # first: it runs before the sum is read
     multiprocess.MultiProcessCollector(registry)
     return registry
+
+
+#: A live-mode gauge's file in the multiprocess directory, named after its process.
+_LIVE_FILE = re.compile(r"gauge_live\w*_(\d+)\.db")
+
+
+class _GoneProcesses:
+    """Before each scrape, drops the live gauges of processes that are gone.
+
+    ``process_exited`` does it for a process that exits cleanly; one killed
+    (SIGKILL, the OOM killer) left its streams in flight in the sum for good.
+    The directory is one host's, so its pids are this host's.
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+
+    def describe(self) -> list[Any]:
+        return []  # exports nothing of its own
+
+    def collect(self) -> list[Any]:
+        from prometheus_client import multiprocess
+
+        try:
+            names = os.listdir(self._path)
+        except OSError:
+            return []
+        for pid in {int(m.group(1)) for m in map(_LIVE_FILE.fullmatch, names) if m}:
+            if not _alive(pid):
+                multiprocess.mark_process_dead(pid, self._path)
+        return []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def serve(port: int | None = None, addr: str | None = None) -> int | None:
