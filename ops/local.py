@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 from urllib.parse import unquote, urlsplit
 
 from .stack import EmbeddedRedis, WorkerProcess
@@ -47,7 +47,10 @@ def local_stack(
     redis: EmbeddedRedis | None = None
     worker: WorkerProcess | None = None
     saved: dict[str, str | None] = {}
-    with _stops_on_signals():
+    # SIGTERM and SIGHUP (``docker stop``, a closed terminal) end the block as Ctrl-C
+    # does, so its clean-up runs: the children live in sessions of their own and
+    # would outlive this process otherwise.
+    with _signals_handled_by(_interrupt, _STOP_SIGNALS):
         try:
             url = os.environ.get("REDIS_URL")
             if not url:
@@ -69,7 +72,8 @@ def local_stack(
             print(f"started worker pid {worker.pid} (log: {worker.log_path})", file=out)
             yield env
         finally:
-            with _deaf_to_signals():  # a second Ctrl-C must not leave the children running
+            # A second Ctrl-C must not leave the children running.
+            with _signals_handled_by(signal.SIG_IGN, (signal.SIGINT, *_STOP_SIGNALS)):
                 if worker is not None:
                     worker.stop()
                 if redis is not None:
@@ -89,33 +93,18 @@ def _interrupt(*_: object) -> None:
 
 
 @contextlib.contextmanager
-def _stops_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP (``docker stop``, a closed terminal) end the block as Ctrl-C
-    does, so its clean-up runs: the children live in sessions of their own and would
-    outlive this process otherwise."""
+def _signals_handled_by(handler: Any, signals: tuple[signal.Signals, ...]) -> Iterator[None]:
+    """``handler`` for ``signals`` during the block, the previous ones after it (only
+    the main thread can set handlers: elsewhere the block runs as it is)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = {sig: signal.signal(sig, _interrupt) for sig in _STOP_SIGNALS}
+    before = {sig: signal.signal(sig, handler) for sig in signals}
     try:
         yield
     finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _deaf_to_signals() -> Iterator[None]:
-    """Ignore Ctrl-C and the stop signals for the block (the clean-up of the stack)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *_STOP_SIGNALS)}
-    try:
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler)
+        for sig, previous in before.items():
+            signal.signal(sig, previous)
 
 
 def demo_config(prompt: str, delay_ms: float) -> dict[str, object]:

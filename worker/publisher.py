@@ -161,9 +161,7 @@ class Publisher:
         channel.unwritten = True
         self._dirty[channel] = None
         if self._flusher is None:
-            self._flusher = asyncio.get_running_loop().create_task(
-                self._flush(), context=contextvars.Context()
-            )
+            self._start_flusher()
 
     def run_script(
         self, source: str, keys: Sequence[str], args: Sequence[ScriptArg]
@@ -184,7 +182,7 @@ class Publisher:
         call = _ScriptCall(source, command, loop.create_future())
         self._calls.append(call)
         if self._flusher is None:
-            self._flusher = loop.create_task(self._flush(), context=contextvars.Context())
+            self._start_flusher()
         return call.reply
 
     async def drain(self, channel: JobChannel) -> None:
@@ -211,9 +209,14 @@ class Publisher:
                 transport.abort()  # the pending read fails and the batch is sent again
         self._watchdog = loop.call_later(self._reply_timeout / 4, self._watch)
 
+    def _start_flusher(self) -> None:
+        # In an empty context: a pipeline carries many jobs' entries, so its logs must
+        # not name (logctx) whichever job happened to start it.
+        self._flusher = asyncio.get_running_loop().create_task(
+            self._flush(), context=contextvars.Context()
+        )
+
     async def _flush(self) -> None:
-        # Started in an empty context: a pipeline carries many jobs' entries, so its
-        # logs must not name (logctx) whichever job happened to start it.
         try:
             backoff = 0.05
             loop = asyncio.get_running_loop()
@@ -278,9 +281,7 @@ class Publisher:
         finally:
             self._flusher = None
             if self._dirty or self._calls:  # raced with a publish after the loop's last check
-                self._flusher = asyncio.get_running_loop().create_task(
-                    self._flush(), context=contextvars.Context()
-                )
+                self._start_flusher()
 
     def _forget_scripts(self) -> None:
         self._sha = None

@@ -35,9 +35,12 @@ class Guard:
         self._handle: asyncio.TimerHandle | None = None
         self._stalls = True  # whether the wait in progress counts against stall_timeout_ms
 
+    def _stall_due(self) -> float | None:
+        """When the wait in progress stalls, if it is a wait for the model."""
+        return self._since + self._stall if self._stalls and self._stall is not None else None
+
     def _due(self) -> float | None:
-        stall = self._stall if self._stalls else None
-        dues = [d for d in (self._deadline, stall and self._since + stall) if d]
+        dues = [d for d in (self._deadline, self._stall_due()) if d is not None]
         return min(dues) if dues else None
 
     def _arm(self) -> None:
@@ -54,7 +57,7 @@ class Guard:
         now = self._loop.time()
         if self._deadline is not None and now >= self._deadline:
             self._expired = "timeout_ms"
-        elif self._stalls and self._stall is not None and now >= self._since + self._stall:
+        elif (stall_due := self._stall_due()) is not None and now >= stall_due:
             self._expired = "stall_timeout_ms"
         if self._expired:
             self._task.cancel()
