@@ -7,7 +7,8 @@ slot and can be touched together by one Lua script or MULTI/EXEC.
 key                            type    holds
 =============================  ======  ==============================================
 ``actorq:job:{ID}``            hash    status, timestamps, attempt, actor, error,
-                                       result JSON, the encrypted job payload
+                                       result JSON, the encrypted job payload, sent,
+                                       ended_by
 ``actorq:job:{ID}:events``     stream  the job's events, in order
 ``actorq:job:{ID}:cancel``     string  set when cancellation is asked
 ``actorq:job:{ID}:lease``      string  token of the attempt that may publish (TTL'd)
