@@ -116,12 +116,11 @@ def test_bad_llm_configs_name_the_field(change: dict[str, Any], field: str) -> N
 
 
 def test_an_error_event_inside_the_stream_is_retried_only_for_the_providers_side() -> None:
-    import httpx
     import openai
 
-    from worker.runtime.providers import provider_error
+    from worker.runtime.providers import http_library, provider_error
 
-    request = httpx.Request("POST", "http://127.0.0.1/v1/chat/completions")
+    request = http_library().Request("POST", "http://127.0.0.1/v1/chat/completions")
 
     def event(body: object) -> bool:
         return provider_error(openai.APIError("stream error", request, body=body), []).retryable
@@ -135,7 +134,7 @@ def test_an_error_event_inside_the_stream_is_retried_only_for_the_providers_side
 
 
 def test_the_http_timeout_leaves_long_waits_to_the_runs_limits() -> None:
-    import httpx
+    import openai
 
     from producer.config import parse_config
     from worker.runtime.providers import build_chat_model
@@ -143,6 +142,6 @@ def test_the_http_timeout_leaves_long_waits_to_the_runs_limits() -> None:
     cfg = parse_config({"type": "llm", "provider": "openai", "model": "m"})
     model = build_chat_model(cfg, {"openai": {"api_key": "sk-test"}})
     timeout = model.request_timeout
-    assert isinstance(timeout, httpx.Timeout)
+    assert isinstance(timeout, openai.Timeout)
     # Not the 60 s that ended slow first tokens whatever stall_timeout_ms allowed.
     assert timeout.read == 600 and timeout.connect == 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import weakref
 from collections.abc import Mapping
@@ -17,7 +18,7 @@ from .model_cache import cache_from_env, credentials_digest
 from .scripted import ScriptedChatModel
 from .scrub import scrub
 
-__all__ = ["build_chat_model", "model_cache", "provider_error"]
+__all__ = ["build_chat_model", "http_library", "model_cache", "provider_error"]
 
 #: Seconds a provider connection may stay silent when no limit of the run is set,
 #: and may take to connect.
@@ -127,9 +128,23 @@ def _chat_openai(
 
 
 def _http_timeout() -> Any:
-    import httpx
+    return http_library().Timeout(_READ_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S)
 
-    return httpx.Timeout(_READ_TIMEOUT_S, connect=_CONNECT_TIMEOUT_S)
+
+def http_library() -> Any:
+    """The HTTP package the installed openai SDK is built on: ``httpx`` before its 3.0,
+    ``httpx2`` since. Its timeouts and transport errors are the ones the client takes
+    and raises; both packages can be installed at once."""
+    import openai
+
+    for name in ("httpx2", "httpx"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(module, "Timeout", None) is openai.Timeout:
+            return module
+    raise ImportError("the HTTP package of the installed openai SDK cannot be found")
 
 
 def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
@@ -137,8 +152,9 @@ def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
     status = getattr(exc, "status_code", None)
     text = scrub(f"{type(exc).__name__}: {exc}", secrets)
     try:
-        import httpx
         import openai
+
+        transport_error = http_library().TransportError
     except ImportError:  # pragma: no cover - worker extra always has them
         return ProviderError(text, retryable=False, status_code=status)
     if isinstance(exc, openai.AuthenticationError | openai.PermissionDeniedError):
@@ -146,7 +162,7 @@ def provider_error(exc: BaseException, secrets: list[str]) -> ProviderError:
     if isinstance(exc, openai.APIStatusError):
         retryable = exc.status_code == 429 or exc.status_code >= 500 or exc.status_code == 408
         return ProviderError(text, retryable=retryable, status_code=exc.status_code)
-    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+    if isinstance(exc, openai.APIConnectionError | transport_error):
         return ProviderError(text, retryable=True)
     if isinstance(exc, openai.APIError):
         # Mid-stream: an error event the provider sent (its body says what), or
