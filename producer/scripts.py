@@ -156,35 +156,51 @@ return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload')}
 """
 )
 
-# KEYS: events, lease, job. ARGV: owner, maxlen, max_events, ttl, first_seq, entries
+# KEYS: events, lease, job of each job in turn. ARGV: maxlen, max_events, ttl, then
+# for each job: owner, first_seq, verify, entries
 # where entries is a JSON array of flat field/value arrays: one argument per batch
 # (decoded by Redis's C cjson) instead of one per field keeps the client's cost per
-# token low. Entries are numbered from first_seq; those at or below the job's
-# stored ``seq`` were written by an earlier try of this batch (a pipeline cut
-# mid-way) and are skipped, so a retried batch never doubles a token.
+# token low. One call carries the batches of many jobs: a script call costs Redis
+# about as much as the XADD of a token, and under load most batches hold one token.
+# Each job is checked and written on its own, as if it were called alone.
+# Entries are numbered from first_seq; those at or below the job's stored ``seq``
+# were written by an earlier try of this batch (a pipeline cut mid-way) and are
+# skipped, so a retried batch never doubles a token. Only a batch sent again
+# (verify '1') reads ``seq``: otherwise the client knows it is first_seq - 1.
 # The cap is checked per entry: the stream never holds more than max_events
 # entries written here, so MAXLEN (set above the cap) never trims a live stream.
-# -> number of entries added | -1 lease lost | -2 stream cap reached
+# CLAIM made the stream and RENEW moves its TTL; a stream made here (it had expired
+# or was deleted under a running job) gets the TTL now.
+# -> per job: number of entries added | -1 lease lost | -2 stream cap reached
 PUBLISH = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return -1 end
-local cap = tonumber(ARGV[3])
-local len = redis.call('XLEN', KEYS[1])
-local last = tonumber(redis.call('HGET', KEYS[3], 'seq') or '0')
-local seq = tonumber(ARGV[5]) - 1
-local added, capped = 0, false
-for _, fields in ipairs(cjson.decode(ARGV[6])) do
-  seq = seq + 1
-  if seq > last then
-    if len >= cap then capped = true; seq = seq - 1; break end
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
-    len = len + 1
-    added = added + 1
+local maxlen, cap, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {}
+for j = 1, #KEYS / 3 do
+  local events, job, a = KEYS[3 * j - 2], KEYS[3 * j], 4 * j
+  if redis.call('GET', KEYS[3 * j - 1]) ~= ARGV[a] then
+    out[j] = -1
+  else
+    local len = redis.call('XLEN', events)
+    local made = len == 0
+    local seq = tonumber(ARGV[a + 1]) - 1
+    local last = seq
+    if ARGV[a + 2] == '1' then last = tonumber(redis.call('HGET', job, 'seq') or '0') end
+    local added, capped = 0, false
+    for _, fields in ipairs(cjson.decode(ARGV[a + 3])) do
+      seq = seq + 1
+      if seq > last then
+        if len >= cap then capped = true; seq = seq - 1; break end
+        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+        len = len + 1
+        added = added + 1
+      end
+    end
+    if seq > last then redis.call('HSET', job, 'seq', seq) end
+    if made and added > 0 then redis.call('EXPIRE', events, ttl) end
+    if capped then out[j] = -2 else out[j] = added end
   end
 end
-if seq > last then redis.call('HSET', KEYS[3], 'seq', seq) end
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-if capped then return -2 end
-return added
+return out
 """
 
 # KEYS: lease, cancel, job, running index, events. ARGV: owner, lease_ms, ttl,

@@ -87,20 +87,25 @@ class _FreezableProxy:
         up_reader, up_writer = await asyncio.open_connection(
             self._target.get("host", "127.0.0.1"), self._target.get("port", 6379)
         )
-        state = {"frozen": False}
+        requests, replies = {"frozen": False}, {"frozen": False}
 
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pump(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, state: dict[str, bool]
+        ) -> None:
             while data := await src.read(65536):
                 if not state["frozen"]:
                     dst.write(data)
             dst.close()
 
-        for src, dst in ((reader, up_writer), (up_reader, writer)):
-            self._pumps.append((asyncio.ensure_future(pump(src, dst)), state))
+        for src, dst, state in ((reader, up_writer, requests), (up_reader, writer, replies)):
+            self._pumps.append((asyncio.ensure_future(pump(src, dst, state)), state))
 
-    def freeze_open_connections(self) -> None:
-        for _, state in self._pumps:
-            state["frozen"] = True
+    def freeze_open_connections(self, *, replies_only: bool = False) -> None:
+        """Bytes either way go nowhere; ``replies_only``: Redis still gets (and runs)
+        what is sent, but its replies never come back."""
+        for i, (_, state) in enumerate(self._pumps):
+            if not replies_only or i % 2:
+                state["frozen"] = True
 
     async def close(self) -> None:
         assert self._server is not None
@@ -152,6 +157,95 @@ def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
         assert any("unanswered" in rec.getMessage() for rec in caplog.records)
     finally:
         r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
+        r.close()
+
+
+def test_a_batch_redis_ran_but_whose_reply_was_lost_is_not_written_twice(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """The pipeline is sent again on a new connection; its PUBLISH then checks the
+    stored sequence number, which the first try moved: no token doubles."""
+    job = f"pub-lostreply-{uuid.uuid4().hex[:8]}"
+    r = redis_target.client()
+    r.set(keys.lease_key(job), "owner", ex=60)
+    settings = Settings.from_env(stack_env)
+    db = redis.asyncio.connection.parse_url(redis_target.url).get("db", 0)
+
+    async def main() -> None:
+        proxy = _FreezableProxy(redis_target.url)
+        await proxy.start()
+        client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, db=db, socket_timeout=0.5)
+        pub = Publisher(client, settings)
+        ch = pub.open(job, "owner")
+        try:
+            pub.publish_token(ch, "A", "n")
+            await asyncio.wait_for(pub.drain(ch), 10)
+            proxy.freeze_open_connections(replies_only=True)
+            pub.publish_token(ch, "B", "n")
+            pub.publish_token(ch, "C", "n")
+            await asyncio.wait_for(pub.drain(ch), 10)
+            assert not ch.verify  # the retry's reply came: next_seq is what Redis holds
+            pub.publish_token(ch, "D", "n")
+            await asyncio.wait_for(pub.drain(ch), 10)
+        finally:
+            await client.aclose()
+            await proxy.close()
+
+    try:
+        asyncio.run(main())
+        entries = r.xrange(keys.events_key(job))
+        assert [f[b"text"] for _, f in entries] == [b"A", b"B", b"C", b"D"]
+        assert r.hget(keys.job_key(job), "seq") == b"4"
+    finally:
+        r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
+        r.close()
+
+
+def test_a_pipeline_of_many_jobs_fences_and_writes_each_job_on_its_own(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """150 jobs share pipelines (several PUBLISH calls each): the one whose lease is
+    gone is refused, every other gets its own entries, and a stream made by PUBLISH
+    gets the retention TTL while one CLAIM made keeps its own."""
+    tag = uuid.uuid4().hex[:8]
+    jobs = [f"pub-many-{tag}-{i}" for i in range(150)]
+    lost, claimed = jobs[70], jobs[5]
+    settings = Settings.from_env(stack_env)
+    r = redis_target.client()
+    for job in jobs:
+        if job != lost:
+            r.set(keys.lease_key(job), f"owner-{job}", ex=60)
+    r.xadd(keys.events_key(claimed), {"type": "start", "attempt": "1"})
+    r.expire(keys.events_key(claimed), 5000)
+
+    async def main() -> list[JobChannel]:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        pub = Publisher(client, settings)
+        channels = [pub.open(job, f"owner-{job}") for job in jobs]
+        try:
+            for i in range(3):
+                for ch in channels:
+                    pub.publish_token(ch, f"{ch.job_id}:{i}", "n")
+            for ch in channels:
+                await asyncio.wait_for(pub.drain(ch), 10)
+        finally:
+            await client.aclose()
+        return channels
+
+    try:
+        channels = asyncio.run(main())
+        for ch in channels:
+            texts = [f.get(b"text", b"").decode() for _, f in r.xrange(keys.events_key(ch.job_id))]
+            if ch.job_id == lost:
+                assert ch.lost and texts == []
+                continue
+            assert not ch.lost and ch.published == 3
+            assert texts[-3:] == [f"{ch.job_id}:{i}" for i in range(3)]
+        assert 4000 < r.ttl(keys.events_key(claimed)) <= 5000
+        assert settings.retention_s - 60 < r.ttl(keys.events_key(jobs[0])) <= settings.retention_s
+    finally:
+        for job in jobs:
+            r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
         r.close()
 
 

@@ -2,7 +2,7 @@
 
 When idle, a token is written at once. While a pipeline is in flight, tokens
 from every job of the process collect and go out in the next pipeline, one
-fenced ``PUBLISH`` script call per job, one stream entry per token. So latency
+fenced ``PUBLISH`` script call for up to 64 jobs, one stream entry per token. So latency
 stays one round trip when idle, and throughput grows with load instead of
 queueing behind one round trip per token.
 
@@ -43,6 +43,11 @@ ScriptArg = str | bytes | int | float
 
 log = logging.getLogger("actorq.publisher")
 
+#: Jobs per PUBLISH call: enough to spread the call's cost, few enough that one call
+#: holds Redis (single-threaded) for well under a millisecond.
+_JOBS_PER_CALL = 64
+_VERIFY, _TRUST = bulk(b"1"), bulk(b"0")
+
 
 @dataclass(eq=False)
 class JobChannel:
@@ -60,7 +65,12 @@ class JobChannel:
     # Entries ever queued, written, in flight or pending: a pipeline in flight holds
     # its entries in neither ``pending`` nor ``next_seq``, so this is counted, not derived.
     queued: int = 0
-    packed: bytes = b""  # this job's constant EVALSHA arguments, RESP-encoded once
+    # This job's constant PUBLISH keys and owner argument, RESP-encoded once.
+    packed_keys: bytes = b""
+    packed_owner: bytes = b""
+    # Whether Redis may hold more of this channel than next_seq says (a pipeline
+    # failed after it went out): the next batch has PUBLISH check the stored seq.
+    verify: bool = False
     unwritten: bool = False  # entries queued or in flight, not yet acknowledged
     # Made only when someone drains a channel with entries still pending: a job
     # drains once, at its end, while its tokens come and go hundreds of times.
@@ -99,7 +109,7 @@ class Publisher:
         self._sha: str | None = None
         self._conn: Any = None  # the connection pipelines go out on, once taken
         self._read_reply: Callable[[int], Awaitable[list[Any]]] | None = None  # _conn's reader
-        self._head = b""
+        self._args = b""  # PUBLISH's arguments common to every job: maxlen, cap, ttl
         self._dirty: dict[JobChannel, None] = {}
         self._calls: list[_ScriptCall] = []
         self._loaded: set[str] = set()  # sources of the call scripts the server has loaded
@@ -243,6 +253,7 @@ class Publisher:
                     # the batch back in front and retry: entries are never dropped, and
                     # the script's sequence check drops what a cut pipeline already wrote.
                     for ch, entries, kinds, _ in taken:
+                        ch.verify = True
                         ch.pending = entries + ch.pending
                         ch.kinds = kinds + ch.kinds
                         self._dirty[ch] = None
@@ -261,6 +272,7 @@ class Publisher:
                 written: list[str] = []  # the kinds written, counted once per pipeline
                 for (ch, entries, kinds, _), result in zip(taken, results, strict=True):
                     ch.next_seq += len(entries)
+                    ch.verify = result < 0
                     if result > 0:
                         written += kinds[len(kinds) - result :]
                         ch.published += result
@@ -292,27 +304,46 @@ class Publisher:
         taken: list[tuple[JobChannel, list[str], list[str], int]],
         calls: list[_ScriptCall],
     ) -> list[int]:
-        """One round trip: every job's EVALSHA packed by hand into one write, then the calls.
+        """One round trip: the jobs' batches in PUBLISH calls packed by hand into one
+        write, then the calls.
 
-        Only the sequence number and the JSON batch are encoded per call; the rest
-        of each command is packed once per job. redis-py's pipeline spent ~30 us
-        per command on packing, retry wrappers and reply dispatch. Returns what
-        each job's PUBLISH returned; settles the calls.
+        Only the sequence number and the JSON batch are encoded per job; its keys and
+        owner are packed once. redis-py's pipeline spent ~30 us per command on
+        packing, retry wrappers and reply dispatch. Returns what PUBLISH answered for
+        each job; settles the calls.
         """
         if self._sha is None:
             self._sha = str(await self._redis.script_load(scripts.PUBLISH))
-            self._head = b"*12\r\n$7\r\nEVALSHA\r\n" + bulk(self._sha.encode()) + b"$1\r\n3\r\n"
+            s = self._settings
+            self._args = b"".join(
+                bulk(str(a).encode())
+                for a in (s.stream_max_events + 64, s.stream_max_events, s.retention_s)
+            )
         for call in calls:
             if call.source not in self._loaded:
                 await self._redis.script_load(call.source)
                 self._loaded.add(call.source)
         parts: list[bytes] = []
-        for ch, entries, _, first_seq in taken:
-            if not ch.packed:
-                ch.packed = self._pack_channel(ch)
-            # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
-            batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
-            parts += [self._head, ch.packed, bulk(str(first_seq).encode()), bulk(batch)]
+        sha = bulk(self._sha.encode())
+        for start in range(0, len(taken), _JOBS_PER_CALL):
+            group = taken[start : start + _JOBS_PER_CALL]
+            n = len(group)
+            parts += [b"*%d\r\n$7\r\nEVALSHA\r\n" % (6 + 7 * n), sha, bulk(b"%d" % (3 * n))]
+            for ch, _, _, _ in group:
+                if not ch.packed_keys:
+                    self._pack_channel(ch)
+                parts.append(ch.packed_keys)
+            parts.append(self._args)
+            for ch, entries, _, first_seq in group:
+                # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
+                batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
+                parts += [
+                    ch.packed_owner,
+                    bulk(str(first_seq).encode()),
+                    _VERIFY if ch.verify else _TRUST,
+                    bulk(batch),
+                ]
+        n_publish = -(-len(taken) // _JOBS_PER_CALL)
         parts += [call.command for call in calls]
         conn, read = self._conn, self._read_reply
         if conn is None or read is None:
@@ -323,7 +354,7 @@ class Publisher:
         self._awaiting_since = asyncio.get_running_loop().time()
         try:
             await _write(conn, b"".join(parts))
-            replies = await read(len(taken) + len(calls))
+            replies = await read(n_publish + len(calls))
         except BaseException:
             self._conn = self._read_reply = None
             await conn.disconnect()  # replies may be left unread: never reuse it
@@ -333,7 +364,7 @@ class Publisher:
             self._awaiting_since = None
         # Every reply is read, error replies included: the connection stays in step.
         wrong_node = False
-        for call, reply in zip(calls, replies[len(taken) :], strict=True):
+        for call, reply in zip(calls, replies[n_publish:], strict=True):
             if isinstance(reply, BaseException):
                 wrong_node = wrong_node or wrong_node_reply(reply)
             if call.reply.done():  # its caller stopped waiting (cancelled)
@@ -345,7 +376,7 @@ class Publisher:
                 call.reply.set_exception(reply)
             else:
                 call.reply.set_result(reply)
-        results = replies[: len(taken)]
+        results = replies[:n_publish]
         error = next((r for r in results if isinstance(r, BaseException)), None)
         if wrong_node or (error is not None and wrong_node_reply(error)):
             # A failover demoted the node this connection reached: every retry on it
@@ -355,20 +386,15 @@ class Publisher:
             await self._redis.connection_pool.release(conn)
         if error is not None:
             raise error
-        return [int(reply) for reply in results]
+        return [int(added) for reply in results for added in reply]
 
-    def _pack_channel(self, ch: JobChannel) -> bytes:
-        s, job = self._settings, ch.job_id
-        args = (
-            keys.events_key(job),
-            keys.lease_key(job),
-            keys.job_key(job),
-            ch.owner,
-            str(s.stream_max_events + 64),
-            str(s.stream_max_events),
-            str(s.retention_s),
+    @staticmethod
+    def _pack_channel(ch: JobChannel) -> None:
+        job = ch.job_id
+        ch.packed_keys = b"".join(
+            bulk(k.encode()) for k in (keys.events_key(job), keys.lease_key(job), keys.job_key(job))
         )
-        return b"".join(bulk(a.encode()) for a in args)
+        ch.packed_owner = bulk(ch.owner.encode())
 
 
 async def _write(conn: Any, data: bytes) -> None:
