@@ -334,6 +334,38 @@ def test_stream_cut_mid_body_retries_with_one_reset(pool: Pool, openai_server: F
     assert final_text(events) == record.result.text == WORDS  # type: ignore[union-attr]
 
 
+def test_the_record_counts_the_usage_and_cost_of_an_abandoned_try(
+    pool: Pool, openai_server: FakeOpenAI
+) -> None:
+    """A try cut mid-stream was billed: the record's usage, cost and model calls add
+    it (its tokens estimated, as no usage came) to the try whose text stands."""
+    c = pool.client
+    model = openai_server.script(
+        f"billed-{uuid.uuid4().hex[:6]}", Reply(text=WORDS, cut_after=5), Reply(text=WORDS)
+    )
+    job_id = c.enqueue_actor_job(
+        openai_llm(openai_server.base_url, model),
+        "go",
+        pricing={model: {"input": "1000000", "output": "1000000"}},  # $1 a token
+    )
+    events = _events(pool, job_id)
+    record = c.get_result(job_id)
+    check_one_ending(events, record)
+    assert record is not None and record.status is JobStatus.SUCCEEDED
+    result = record.result
+    assert result is not None and result.text == WORDS
+    assert result.model_calls == 2
+    (node,) = result.nodes
+    assert node.model_calls == 2
+    # The standing try reported its own usage: len(WORDS.split()) completion tokens.
+    assert result.output_tokens > len(WORDS.split())
+    # ...and the cut one's were estimated: the node says both.
+    sources = set(node.usage_source.split("+"))
+    assert "provider" in sources and sources & {"tiktoken", "heuristic"}
+    assert result.total_tokens == result.input_tokens + result.output_tokens
+    assert result.cost_usd == result.total_tokens  # every try's tokens, at $1 each
+
+
 def test_auth_error_fails_at_once_without_leaking_the_key(
     pool: Pool, openai_server: FakeOpenAI
 ) -> None:

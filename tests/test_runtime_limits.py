@@ -293,3 +293,51 @@ def test_the_stall_limit_waits_for_the_model_not_for_tools(openai_server: FakeOp
     with pytest.raises(LimitExceeded) as info:
         run(ex.execute("go"))
     assert info.value.limit == "stall_timeout_ms"
+
+
+# -- what the tries of a job used together ----------------------------------------------
+
+
+def _try(*nodes: tuple[str, str, int, int, Decimal | None, str], tools: int = 0) -> Any:
+    from producer.schema import ActorResult, NodeUsage
+
+    usages = [
+        NodeUsage(node=name, provider="openai", model=m, input_tokens=i, output_tokens=o,
+                  total_tokens=i + o, model_calls=1, cost_usd=cost, usage_source=source)
+        for name, m, i, o, cost, source in nodes
+    ]  # fmt: skip
+    costs = [u.cost_usd for u in usages]
+    return ActorResult(
+        text=f"text of {len(nodes)}",
+        nodes=usages,
+        input_tokens=sum(u.input_tokens for u in usages),
+        output_tokens=sum(u.output_tokens for u in usages),
+        total_tokens=sum(u.total_tokens for u in usages),
+        cost_usd=None if not usages or None in costs else sum(costs, Decimal(0)),  # type: ignore[arg-type]
+        model_calls=len(usages),
+        tool_calls=tools,
+        duration_ms=10,
+    )
+
+
+def test_combined_tries_add_up_per_node_and_keep_the_last_tries_output() -> None:
+    from worker.runtime.budget import combine_tries
+
+    first = _try(("a", "m", 10, 5, Decimal("0.1"), "tiktoken"), tools=1)
+    nothing = _try()  # failed before any model call: cost nothing, known or not
+    last = _try(
+        ("a", "m", 10, 7, Decimal("0.2"), "provider"), ("b", "n", 3, 4, Decimal(1), "provider")
+    )
+    both = combine_tries([first, nothing], last, 1234.0)
+    assert both.text == last.text and both.duration_ms == 1234.0
+    assert [(n.node, n.input_tokens, n.output_tokens, n.model_calls) for n in both.nodes] == [
+        ("a", 20, 12, 2),
+        ("b", 3, 4, 1),
+    ]
+    assert both.nodes[0].usage_source == "provider+tiktoken"
+    assert (both.input_tokens, both.output_tokens, both.total_tokens) == (23, 16, 39)
+    assert both.cost_usd == Decimal("1.3")
+    assert (both.model_calls, both.tool_calls) == (3, 1)
+    # One call of unknown price makes the total unknown, as within one try.
+    unpriced = _try(("a", "m", 1, 1, None, "provider"))
+    assert combine_tries([unpriced], last, 1.0).cost_usd is None

@@ -33,7 +33,7 @@ from . import logctx, metrics
 from .errors import LimitExceeded, ProviderError
 from .message import decode_payload
 from .publisher import JobChannel, Publisher
-from .runtime.budget import remaining_limits
+from .runtime.budget import combine_tries, remaining_limits
 from .runtime.executor import Executor, RunEvent, create_executor
 from .runtime.scrub import scrub
 from .supervisor import ActiveJob, Requeue, Supervisor
@@ -262,60 +262,69 @@ class JobRunner:
         def on_event(event: RunEvent) -> bool:
             return publisher.publish(channel, _event_fields(event))
 
-        while True:
-            queued = channel.queued
-            try:
-                await executor.stream_to(message, on_token, on_event)
-                return JobStatus.SUCCEEDED, None, None
-            except LimitExceeded as exc:
-                status = JobStatus.TIMED_OUT if exc.timed_out else JobStatus.LIMIT_EXCEEDED
-                return status, str(exc), type(exc).__name__
-            except ProviderError as exc:
-                if not exc.retryable or tries >= self.provider_retries:
-                    if exc.retryable:
-                        return (
-                            JobStatus.FAILED,
-                            f"gave up after {tries + 1} tries: {exc}",
-                            type(exc).__name__,
-                        )
-                    return JobStatus.FAILED, str(exc), type(exc).__name__
-                tries += 1
-                metrics.provider_retry()
-                delay = min(8.0, 0.25 * 2**tries) * (0.5 + random.random())
-                log.warning(
-                    "job %s: retryable provider error, retry %d in %.2fs: %s",
-                    channel.job_id,
-                    tries,
-                    delay,
-                    exc,
-                )
-                await asyncio.sleep(delay)
-                if executor.last_result is not None:
-                    spent.append(executor.last_result)
+        try:
+            while True:
+                queued = channel.queued
                 try:
-                    executor.limits = remaining_limits(
-                        base, spent, (time.monotonic() - started) * 1000
+                    await executor.stream_to(message, on_token, on_event)
+                    return JobStatus.SUCCEEDED, None, None
+                except LimitExceeded as exc:
+                    status = JobStatus.TIMED_OUT if exc.timed_out else JobStatus.LIMIT_EXCEEDED
+                    return status, str(exc), type(exc).__name__
+                except ProviderError as exc:
+                    if not exc.retryable or tries >= self.provider_retries:
+                        if exc.retryable:
+                            return (
+                                JobStatus.FAILED,
+                                f"gave up after {tries + 1} tries: {exc}",
+                                type(exc).__name__,
+                            )
+                        return JobStatus.FAILED, str(exc), type(exc).__name__
+                    tries += 1
+                    metrics.provider_retry()
+                    delay = min(8.0, 0.25 * 2**tries) * (0.5 + random.random())
+                    log.warning(
+                        "job %s: retryable provider error, retry %d in %.2fs: %s",
+                        channel.job_id,
+                        tries,
+                        delay,
+                        exc,
                     )
-                except LimitExceeded as spent_out:
-                    timed_out = spent_out.timed_out
-                    status = JobStatus.TIMED_OUT if timed_out else JobStatus.LIMIT_EXCEEDED
-                    return status, str(spent_out), type(spent_out).__name__
-                if channel.queued > queued:  # the failed try published: readers drop it
-                    self.publisher.publish(
-                        channel,
-                        [
-                            "type",
-                            "reset",
-                            "attempt",
-                            str(attempt),
-                            "reason",
-                            "retry",
-                            "retry",
-                            str(tries),
-                            "detail",
-                            f"provider error, retrying: {exc}"[:500],
-                        ],
-                    )
+                    await asyncio.sleep(delay)
+                    if executor.last_result is not None:
+                        spent.append(executor.last_result)
+                    try:
+                        executor.limits = remaining_limits(
+                            base, spent, (time.monotonic() - started) * 1000
+                        )
+                    except LimitExceeded as spent_out:
+                        timed_out = spent_out.timed_out
+                        status = JobStatus.TIMED_OUT if timed_out else JobStatus.LIMIT_EXCEEDED
+                        return status, str(spent_out), type(spent_out).__name__
+                    if channel.queued > queued:  # the failed try published: readers drop it
+                        self.publisher.publish(
+                            channel,
+                            [
+                                "type",
+                                "reset",
+                                "attempt",
+                                str(attempt),
+                                "reason",
+                                "retry",
+                                "retry",
+                                str(tries),
+                                "detail",
+                                f"provider error, retrying: {exc}"[:500],
+                            ],
+                        )
+        finally:
+            # The record counts every try: the abandoned ones were billed too.
+            last = executor.last_result
+            prior = spent[:-1] if spent and last is spent[-1] else spent
+            if prior and last is not None:
+                executor.last_result = combine_tries(
+                    prior, last, (time.monotonic() - started) * 1000
+                )
 
     async def _finish(
         self,
