@@ -253,6 +253,28 @@ def test_provider_retries_and_resets_are_counted(
         server.close()
 
 
+def test_a_job_the_claim_ends_itself_counts_as_ended(
+    metered: tuple[WorkerProcess, int, Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delivery of a job whose attempts are used up runs nothing, but its claim
+    writes the job's ending (failed): the worker counts that job as ended."""
+    from producer import keys
+    from producer.schema import TASK_NAME, task_message
+
+    _, port, client = metered
+    with monkeypatch.context() as m:  # the job's record, as after lost attempts: no message yet
+        m.setattr(client, "_send", lambda *_: None)
+        job_id = client.enqueue_actor_job(scripted("never runs"), "go")
+    client.redis.hset(keys.job_key(job_id), "attempt", client.settings.max_attempts)
+    before = scrape(port)
+    client.celery.send_task(TASK_NAME, queue=client.settings.queue, **task_message(job_id, "go"))
+    record = client.wait_result(job_id, timeout=60)
+    assert record.status is JobStatus.FAILED and record.error_type == "AttemptsExhausted"
+    delta = {k: v - before.get(k, 0.0) for k, v in scrape(port).items()}
+    assert value(delta, "actorq_deliveries_skipped_total", reason="exhausted") == 1
+    assert value(delta, "actorq_jobs_total", status="failed") == 1
+
+
 def test_metrics_endpoint_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     from worker.metrics import serve
 

@@ -55,6 +55,10 @@ def _event_fields(event: RunEvent) -> list[str]:
     return fields
 
 
+#: CLAIM's verdicts that mean it wrote the job's ending itself, and that ending's status.
+_CLAIM_ENDINGS = {"cancelled": JobStatus.CANCELLED.value, "exhausted": JobStatus.FAILED.value}
+
+
 class JobRunner:
     """Per-process state shared by all jobs: Redis pool, publisher, supervisor."""
 
@@ -105,6 +109,8 @@ class JobRunner:
         if verdict != "claimed":
             log.info("job %s: not run (%s)", job_id, verdict)
             metrics.job_skipped(verdict)
+            if verdict in _CLAIM_ENDINGS:
+                metrics.job_ended_at_claim(_CLAIM_ENDINGS[verdict])
             return Outcome(verdict)
         attempt = int(claim[1])
         logctx.bind(job_id=job_id, attempt=attempt)

@@ -130,9 +130,15 @@ def job_skipped(reason: str) -> None:
     SKIPPED.labels(reason).inc()
 
 
+def job_ended_at_claim(status: str) -> None:
+    """The claim wrote the job's ending itself (cancelled before it ran, its attempts
+    used up): a job this worker ended, with no run to time."""
+    JOBS.labels(status).inc()
+
+
 def job_ended(status: str, ttft_ms: float | None, duration_ms: float) -> None:
     """The attempt wrote the job's ending with ``status``."""
-    JOBS.labels(status).inc()
+    job_ended_at_claim(status)
     JOB_DURATION.labels(status).observe(max(0.0, duration_ms) / 1000)
     if ttft_ms is not None:
         TTFT.observe(max(0.0, ttft_ms) / 1000)
