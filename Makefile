@@ -5,13 +5,15 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Tell me how actorq streams tokens.
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean constraints
 
-$(STAMP): pyproject.toml
+# Installs the versions in constraints.txt: a release published since cannot break
+# a fresh clone (one did: openai 3.0 moved to httpx2).
+$(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "actorq needs Python 3.11+"'
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[worker,dev]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[worker,dev]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,6 +28,16 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/actorq bench
+
+# The newest releases pyproject.toml admits, installed afresh, become constraints.txt.
+constraints:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q -e '.[worker,dev,router,bench]'
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable; } > constraints.new
+	mv constraints.new constraints.txt
+	rm -rf .venv-lock
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
