@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -114,22 +117,44 @@ class _FreezableProxy:
             task.cancel()
 
 
-def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
-    redis_target: RedisTarget, stack_env: dict[str, str], caplog: pytest.LogCaptureFixture
-) -> None:
-    job = f"pub-watchdog-{uuid.uuid4().hex[:8]}"
+@contextlib.asynccontextmanager
+async def _behind_proxy(
+    redis_target: RedisTarget, settings: Settings
+) -> AsyncIterator[tuple[Publisher, _FreezableProxy]]:
+    """A publisher whose connections pass a freezable proxy (socket timeout 0.5 s)."""
+    db = redis.asyncio.connection.parse_url(redis_target.url).get("db", 0)
+    proxy = _FreezableProxy(redis_target.url)
+    await proxy.start()
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, db=db, socket_timeout=0.5)
+    try:
+        yield Publisher(client, settings), proxy
+    finally:
+        await client.aclose()
+        await proxy.close()
+
+
+@pytest.fixture
+def leased_job(redis_target: RedisTarget) -> Iterator[tuple[str, Any]]:
+    """A job id whose lease ``owner`` holds, and a client; its keys go at the end."""
+    job = f"pub-{uuid.uuid4().hex[:8]}"
     r = redis_target.client()
     r.set(keys.lease_key(job), "owner", ex=60)
-    settings = Settings.from_env(stack_env)
-    db = redis.asyncio.connection.parse_url(redis_target.url).get("db", 0)
+    yield job, r
+    r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
+    r.close()
+
+
+def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
+    redis_target: RedisTarget,
+    stack_env: dict[str, str],
+    leased_job: tuple[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    job, r = leased_job
 
     async def main() -> float:
-        proxy = _FreezableProxy(redis_target.url)
-        await proxy.start()
-        client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, db=db, socket_timeout=0.5)
-        pub = Publisher(client, settings)
-        ch = pub.open(job, "owner")
-        try:
+        async with _behind_proxy(redis_target, Settings.from_env(stack_env)) as (pub, proxy):
+            ch = pub.open(job, "owner")
             pub.publish(ch, ["type", "token", "text", "A", "node", "n"])
             await asyncio.wait_for(pub.drain(ch), 10)
             proxy.freeze_open_connections()
@@ -144,40 +169,25 @@ def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
                 await asyncio.wait_for(cut, 10)
             assert await asyncio.wait_for(pub.run_script("return ARGV[1]", [], ["ok"]), 10) == b"ok"
             return took
-        finally:
-            await client.aclose()
-            await proxy.close()
 
-    try:
-        with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
-            took = asyncio.run(main())
-        entries = r.xrange(keys.events_key(job))
-        assert [f[b"text"] for _, f in entries] == [b"A", b"B"]  # B once, after A
-        assert took >= 0.5  # waited out the timeout, then went through a new connection
-        assert any("unanswered" in rec.getMessage() for rec in caplog.records)
-    finally:
-        r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
-        r.close()
+    with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
+        took = asyncio.run(main())
+    entries = r.xrange(keys.events_key(job))
+    assert [f[b"text"] for _, f in entries] == [b"A", b"B"]  # B once, after A
+    assert took >= 0.5  # waited out the timeout, then went through a new connection
+    assert any("unanswered" in rec.getMessage() for rec in caplog.records)
 
 
 def test_a_batch_redis_ran_but_whose_reply_was_lost_is_not_written_twice(
-    redis_target: RedisTarget, stack_env: dict[str, str]
+    redis_target: RedisTarget, stack_env: dict[str, str], leased_job: tuple[str, Any]
 ) -> None:
     """The pipeline is sent again on a new connection; its PUBLISH then checks the
     stored sequence number, which the first try moved: no token doubles."""
-    job = f"pub-lostreply-{uuid.uuid4().hex[:8]}"
-    r = redis_target.client()
-    r.set(keys.lease_key(job), "owner", ex=60)
-    settings = Settings.from_env(stack_env)
-    db = redis.asyncio.connection.parse_url(redis_target.url).get("db", 0)
+    job, r = leased_job
 
     async def main() -> None:
-        proxy = _FreezableProxy(redis_target.url)
-        await proxy.start()
-        client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, db=db, socket_timeout=0.5)
-        pub = Publisher(client, settings)
-        ch = pub.open(job, "owner")
-        try:
+        async with _behind_proxy(redis_target, Settings.from_env(stack_env)) as (pub, proxy):
+            ch = pub.open(job, "owner")
             pub.publish_token(ch, "A", "n")
             await asyncio.wait_for(pub.drain(ch), 10)
             proxy.freeze_open_connections(replies_only=True)
@@ -187,18 +197,11 @@ def test_a_batch_redis_ran_but_whose_reply_was_lost_is_not_written_twice(
             assert not ch.verify  # the retry's reply came: next_seq is what Redis holds
             pub.publish_token(ch, "D", "n")
             await asyncio.wait_for(pub.drain(ch), 10)
-        finally:
-            await client.aclose()
-            await proxy.close()
 
-    try:
-        asyncio.run(main())
-        entries = r.xrange(keys.events_key(job))
-        assert [f[b"text"] for _, f in entries] == [b"A", b"B", b"C", b"D"]
-        assert r.hget(keys.job_key(job), "seq") == b"4"
-    finally:
-        r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
-        r.close()
+    asyncio.run(main())
+    entries = r.xrange(keys.events_key(job))
+    assert [f[b"text"] for _, f in entries] == [b"A", b"B", b"C", b"D"]
+    assert r.hget(keys.job_key(job), "seq") == b"4"
 
 
 def test_a_pipeline_of_many_jobs_fences_and_writes_each_job_on_its_own(
