@@ -171,33 +171,41 @@ return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload')}
 # entries written here, so MAXLEN (set above the cap) never trims a live stream.
 # CLAIM made the stream and RENEW moves its TTL; a stream made here (it had expired
 # or was deleted under a running job) gets the TTL now.
-# -> per job: number of entries added | -1 lease lost | -2 stream cap reached
+# A job whose write fails (a key of another type under its name) gets the error in
+# its place; the others of the call are written regardless. A refused write (OOM,
+# READONLY) can only be the call's first, so it fails every job of the call alike.
+# -> per job: number of entries added | -1 lease lost | -2 stream cap reached | error
 PUBLISH = """
 local maxlen, cap, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function publish(events, lease, job, a)
+  if redis.call('GET', lease) ~= ARGV[a] then return -1 end
+  local len = redis.call('XLEN', events)
+  local made = len == 0
+  local seq = tonumber(ARGV[a + 1]) - 1
+  local last = seq
+  if ARGV[a + 2] == '1' then last = tonumber(redis.call('HGET', job, 'seq') or '0') end
+  local added, capped = 0, false
+  for _, fields in ipairs(cjson.decode(ARGV[a + 3])) do
+    seq = seq + 1
+    if seq > last then
+      if len >= cap then capped = true; seq = seq - 1; break end
+      redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      len = len + 1
+      added = added + 1
+    end
+  end
+  if seq > last then redis.call('HSET', job, 'seq', seq) end
+  if made and added > 0 then redis.call('EXPIRE', events, ttl) end
+  if capped then return -2 end
+  return added
+end
 local out = {}
 for j = 1, #KEYS / 3 do
-  local events, job, a = KEYS[3 * j - 2], KEYS[3 * j], 4 * j
-  if redis.call('GET', KEYS[3 * j - 1]) ~= ARGV[a] then
-    out[j] = -1
+  local ok, res = pcall(publish, KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j], 4 * j)
+  if ok then
+    out[j] = res
   else
-    local len = redis.call('XLEN', events)
-    local made = len == 0
-    local seq = tonumber(ARGV[a + 1]) - 1
-    local last = seq
-    if ARGV[a + 2] == '1' then last = tonumber(redis.call('HGET', job, 'seq') or '0') end
-    local added, capped = 0, false
-    for _, fields in ipairs(cjson.decode(ARGV[a + 3])) do
-      seq = seq + 1
-      if seq > last then
-        if len >= cap then capped = true; seq = seq - 1; break end
-        redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
-        len = len + 1
-        added = added + 1
-      end
-    end
-    if seq > last then redis.call('HSET', job, 'seq', seq) end
-    if made and added > 0 then redis.call('EXPIRE', events, ttl) end
-    if capped then out[j] = -2 else out[j] = added end
+    out[j] = {err = type(res) == 'table' and res.err or tostring(res)}
   end
 end
 return out

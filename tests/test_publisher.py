@@ -252,6 +252,47 @@ def test_a_pipeline_of_many_jobs_fences_and_writes_each_job_on_its_own(
         r.close()
 
 
+def test_a_job_whose_stream_key_is_of_another_type_fails_alone(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """Redis refuses one job's writes for good (WRONGTYPE): that job stops with the
+    error, and the job beside it in the same PUBLISH call streams on."""
+    tag = uuid.uuid4().hex[:8]
+    good, bad = f"pub-good-{tag}", f"pub-bad-{tag}"
+    settings = Settings.from_env(stack_env)
+    r = redis_target.client()
+    for job in (good, bad):
+        r.set(keys.lease_key(job), "owner", ex=60)
+    r.set(keys.events_key(bad), "not a stream")
+
+    async def main() -> tuple[JobChannel, JobChannel]:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        pub = Publisher(client, settings)
+        ok, broken = pub.open(good, "owner"), pub.open(bad, "owner")
+        try:
+            pub.publish_token(broken, "x", "n")
+            pub.publish_token(ok, "a", "n")
+            await asyncio.wait_for(pub.drain(ok), 10)
+            await asyncio.wait_for(pub.drain(broken), 10)
+            assert pub.publish_token(broken, "y", "n")  # stopped: nothing more is queued
+            assert not pub.publish_token(ok, "b", "n")
+            await asyncio.wait_for(pub.drain(ok), 10)
+        finally:
+            await client.aclose()
+        return ok, broken
+
+    try:
+        ok, broken = asyncio.run(main())
+        assert broken.failed is not None and "WRONGTYPE" in broken.failed
+        assert ok.failed is None and ok.published == 2
+        assert [f[b"text"] for _, f in r.xrange(keys.events_key(good))] == [b"a", b"b"]
+        assert r.get(keys.events_key(bad)) == b"not a stream"
+    finally:
+        for job in (good, bad):
+            r.delete(keys.lease_key(job), keys.events_key(job), keys.job_key(job))
+        r.close()
+
+
 def test_a_script_cache_flushed_under_the_publisher_is_loaded_again(
     redis_target: RedisTarget, stack_env: dict[str, str]
 ) -> None:

@@ -31,7 +31,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 
 from producer import keys, scripts
-from producer.resp import bulk, evalsha, script_sha, wrong_node_reply
+from producer.resp import bulk, evalsha, script_sha, transient_reply, wrong_node_reply
 from producer.settings import Settings, env_number
 
 from . import metrics
@@ -61,6 +61,9 @@ class JobChannel:
     next_seq: int = 1  # sequence number of pending[0]
     lost: bool = False  # lease lost: another attempt owns the job now
     capped: bool = False  # the stream reached ACTORQ_STREAM_MAX_EVENTS
+    # Redis refused this job's writes for good (a key of another type under its
+    # name): what it said. The job's other entries are dropped; its neighbours go on.
+    failed: str | None = None
     published: int = 0
     # Entries ever queued, written, in flight or pending: a pipeline in flight holds
     # its entries in neither ``pending`` nor ``next_seq``, so this is counted, not derived.
@@ -78,7 +81,7 @@ class JobChannel:
 
     @property
     def stopped(self) -> bool:
-        return self.lost or self.capped
+        return self.lost or self.capped or self.failed is not None
 
 
 @dataclass(eq=False)
@@ -272,6 +275,10 @@ class Publisher:
                 written: list[str] = []  # the kinds written, counted once per pipeline
                 for (ch, entries, kinds, _), result in zip(taken, results, strict=True):
                     ch.next_seq += len(entries)
+                    if isinstance(result, BaseException):
+                        ch.failed = str(result).strip()
+                        log.error("job %s: Redis refused its entries: %s", ch.job_id, ch.failed)
+                        result = 0
                     ch.verify = result < 0
                     if result > 0:
                         written += kinds[len(kinds) - result :]
@@ -303,14 +310,16 @@ class Publisher:
         self,
         taken: list[tuple[JobChannel, list[str], list[str], int]],
         calls: list[_ScriptCall],
-    ) -> list[int]:
+    ) -> list[int | ResponseError]:
         """One round trip: the jobs' batches in PUBLISH calls packed by hand into one
         write, then the calls.
 
         Only the sequence number and the JSON batch are encoded per job; its keys and
         owner are packed once. redis-py's pipeline spent ~30 us per command on
         packing, retry wrappers and reply dispatch. Returns what PUBLISH answered for
-        each job; settles the calls.
+        each job (a job's own error reply in its place); settles the calls. Raises
+        when the pipeline failed, or when Redis refused a write for now (OOM, a
+        failover): then every job's batch is sent again.
         """
         if self._sha is None:
             self._sha = str(await self._redis.script_load(scripts.PUBLISH))
@@ -376,8 +385,13 @@ class Publisher:
                 call.reply.set_exception(reply)
             else:
                 call.reply.set_result(reply)
-        results = replies[:n_publish]
-        error = next((r for r in results if isinstance(r, BaseException)), None)
+        # A call that failed whole (NOSCRIPT, a demoted node), else a job's refusal that
+        # is Redis's state (OOM, READONLY), not the job's: either way all go again.
+        error = next((r for r in replies[:n_publish] if isinstance(r, BaseException)), None)
+        results = [] if error else [r for reply in replies[:n_publish] for r in reply]
+        error = error or next(
+            (r for r in results if isinstance(r, ResponseError) and transient_reply(r)), None
+        )
         if wrong_node or (error is not None and wrong_node_reply(error)):
             # A failover demoted the node this connection reached: every retry on it
             # would fail the same way, so the next pipeline connects afresh.
@@ -386,7 +400,7 @@ class Publisher:
             await self._redis.connection_pool.release(conn)
         if error is not None:
             raise error
-        return [int(added) for reply in results for added in reply]
+        return [r if isinstance(r, ResponseError) else int(r) for r in results]
 
     @staticmethod
     def _pack_channel(ch: JobChannel) -> None:
