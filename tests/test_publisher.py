@@ -528,3 +528,18 @@ def test_evalsha_packs_what_redis_py_packs_and_names_the_script_as_redis_does() 
         "EVALSHA", sha, 2, "k1", "k2", "x", "1.5", "é"
     )
     assert evalsha(sha, [b"k1", b"k2"], [b"x", b"1.5", "é".encode()]) == b"".join(expected)
+
+
+def test_publish_calls_are_cut_by_jobs_and_by_entries() -> None:
+    """At most 64 jobs a call, and 512 entries past its first job: a backlog after an
+    outage goes out in calls that each hold Redis briefly."""
+    from worker.publisher import _call_groups
+
+    def taken(*sizes: int) -> list[tuple[JobChannel, list[str], list[str], int]]:
+        return [
+            (JobChannel(f"j{i}", "o"), ["e"] * n, ["token"] * n, 1) for i, n in enumerate(sizes)
+        ]
+
+    assert [len(g) for g in _call_groups(taken(*[1] * 150))] == [64, 64, 22]
+    assert [len(g) for g in _call_groups(taken(300, 300, 100, 2000, 5))] == [1, 2, 1, 1]
+    assert _call_groups([]) == []

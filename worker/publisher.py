@@ -43,9 +43,11 @@ ScriptArg = str | bytes | int | float
 
 log = logging.getLogger("actorq.publisher")
 
-#: Jobs per PUBLISH call: enough to spread the call's cost, few enough that one call
-#: holds Redis (single-threaded) for well under a millisecond.
+#: Jobs and entries per PUBLISH call: enough to spread the call's cost, few enough
+#: that one call holds Redis (single-threaded) for about a millisecond at most, even
+#: when a backlog goes out after an outage.
 _JOBS_PER_CALL = 64
+_ENTRIES_PER_CALL = 512
 _VERIFY, _TRUST = bulk(b"1"), bulk(b"0")
 
 
@@ -308,7 +310,7 @@ class Publisher:
 
     async def _send(
         self,
-        taken: list[tuple[JobChannel, list[str], list[str], int]],
+        taken: list[_Taken],
         calls: list[_ScriptCall],
     ) -> list[int | ResponseError]:
         """One round trip: the jobs' batches in PUBLISH calls packed by hand into one
@@ -334,8 +336,8 @@ class Publisher:
                 self._loaded.add(call.source)
         parts: list[bytes] = []
         sha = bulk(self._sha.encode())
-        for start in range(0, len(taken), _JOBS_PER_CALL):
-            group = taken[start : start + _JOBS_PER_CALL]
+        groups = _call_groups(taken)
+        for group in groups:
             n = len(group)
             parts += [b"*%d\r\n$7\r\nEVALSHA\r\n" % (6 + 7 * n), sha, bulk(b"%d" % (3 * n))]
             for ch, _, _, _ in group:
@@ -352,7 +354,7 @@ class Publisher:
                     _VERIFY if ch.verify else _TRUST,
                     bulk(batch),
                 ]
-        n_publish = -(-len(taken) // _JOBS_PER_CALL)
+        n_publish = len(groups)
         parts += [call.command for call in calls]
         conn, read = self._conn, self._read_reply
         if conn is None or read is None:
@@ -409,6 +411,26 @@ class Publisher:
             bulk(k.encode()) for k in (keys.events_key(job), keys.lease_key(job), keys.job_key(job))
         )
         ch.packed_owner = bulk(ch.owner.encode())
+
+
+_Taken = tuple[JobChannel, list[str], list[str], int]
+
+
+def _call_groups(taken: list[_Taken]) -> list[list[_Taken]]:
+    """``taken`` cut into PUBLISH calls of at most ``_JOBS_PER_CALL`` jobs and, past
+    a call's first job, ``_ENTRIES_PER_CALL`` entries."""
+    groups: list[list[_Taken]] = []
+    group: list[_Taken] = []
+    entries = 0
+    for item in taken:
+        if group and (len(group) == _JOBS_PER_CALL or entries + len(item[1]) > _ENTRIES_PER_CALL):
+            groups.append(group)
+            group, entries = [], 0
+        group.append(item)
+        entries += len(item[1])
+    if group:
+        groups.append(group)
+    return groups
 
 
 async def _write(conn: Any, data: bytes) -> None:
