@@ -152,6 +152,23 @@ def start_worker(
     yield start
     for worker in started:
         worker.stop(timeout=10)
+    _delete_rabbitmq_queues(started)
+
+
+def _delete_rabbitmq_queues(workers: list[WorkerProcess]) -> None:
+    """On a RabbitMQ the suite does not own, delete the queues its workers consumed
+    (durable: they outlive the workers)."""
+    from kombu import Connection
+
+    by_broker: dict[str, set[str]] = {}
+    for worker in workers:
+        broker = worker.env.get("CELERY_BROKER_URL", "")
+        if broker.startswith("amqp"):
+            by_broker.setdefault(broker, set()).add(worker.env["ACTORQ_QUEUE"])
+    for broker, queues in by_broker.items():
+        with Connection(broker, connect_timeout=5) as conn:
+            for queue in sorted(queues):
+                conn.default_channel.queue_delete(queue)
 
 
 @pytest.fixture(scope="session")
