@@ -110,13 +110,22 @@ return {1, id}
 #    | {'cancelled'}
 # A claimed job enters the running index (KEYS[5]) in the same step, so there is no
 # moment a worker could die holding a lease the sweeper can't find; the payload
-# comes back with the claim, saving the attempt a round trip.
+# comes back with the claim, saving the attempt a round trip. A claim that ends the
+# job itself (cancelled, exhausted) records its owner as ended_by, so a re-run of it
+# (its reply lost) answers as the first run did.
 CLAIM = (
     _FINISH_FN
     + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'missing', 0} end
-if TERMINAL[status] then return {'terminal', 0} end
+if TERMINAL[status] then
+  -- This very claim ended the job, and its reply was lost: answer as it did.
+  if redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
+    if status == 'cancelled' then return {'cancelled', 0} end
+    return {'exhausted', tonumber(redis.call('HGET', KEYS[1], 'attempt'))}
+  end
+  return {'terminal', 0}
+end
 -- Our own lease: this is a re-run of a claim whose reply was lost (the client
 -- retried after a dropped connection). Answer as the first run did.
 if redis.call('GET', KEYS[3]) == ARGV[1] then
@@ -129,6 +138,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
     why = 'cancelled by request (its last attempt was lost before it could stop)'
   end
   finish('cancelled', why, 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
+  redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'cancelled', 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
@@ -136,6 +146,7 @@ if attempt > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempt', attempt - 1)
   finish('failed', 'gave up after ' .. (attempt - 1) .. ' attempts: the worker running it was lost each time',
          'AttemptsExhausted', ARGV[9], ARGV[3], ARGV[6], ARGV[7])
+  redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'exhausted', attempt - 1}
 end
 redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])

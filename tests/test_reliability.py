@@ -587,6 +587,40 @@ def test_sweeper_sends_a_lost_job_to_its_own_queue_and_retries_when_the_broker_f
         c.close()
 
 
+@pytest.mark.parametrize("ending", ["exhausted", "cancelled"])
+def test_a_claim_that_ends_the_job_answers_its_rerun_as_the_first_run(
+    stack_env: dict[str, str], ending: str
+) -> None:
+    """A claim that ended the job itself (attempts used up, cancel asked) and lost its
+    reply gets the same verdict again, so its worker counts the job it ended; another
+    claim still hears ``terminal``."""
+    from producer import keys, scripts
+
+    queue = f"actorq-rerun-{uuid.uuid4().hex[:6]}"
+    c = Client(Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue}))
+    job_id = c.enqueue_actor_job(scripted("rerun"), "go")  # nobody consumes this queue
+    if ending == "exhausted":
+        c.redis.hset(keys.job_key(job_id), "attempt", 3)
+    else:
+        c.redis.set(keys.cancel_key(job_id), "1", ex=60)
+    claim = [
+        scripts.CLAIM, 5, *scripts.running_job_keys(job_id), "owner-1", 60_000,
+        f"{time.time()}", 3, "w", 60, 1000, "{}", "{}", queue, time.time() + 60, job_id,
+    ]  # fmt: skip
+    try:
+        first = c.redis.eval(*claim)
+        assert first[0] == ending.encode()
+        assert c.redis.eval(*claim) == first  # its reply was lost: the same answer
+        other = [*claim]
+        other[7] = "owner-2"
+        assert c.redis.eval(*other) == [b"terminal", 0]
+        assert [e.type for e in read_events(c, job_id)].count("done") == 1
+    finally:
+        c.redis.delete(*scripts.job_keys(job_id), queue)
+        c.redis.zrem(keys.JOBS_INDEX, job_id)
+        c.close()
+
+
 def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, str]) -> None:
     """redis-py re-sends a script after a dropped connection even if it already ran."""
     from producer import keys, scripts
