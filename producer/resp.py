@@ -13,8 +13,10 @@ from collections.abc import Sequence
 __all__ = ["bulk", "evalsha", "script_sha", "transient_reply", "wrong_node_reply"]
 
 #: Codes of error replies from a Redis that can't take a write just now (a failover,
-#: loading its data, memory full, a script running long): worth retrying.
-_TRANSIENT = ("READONLY", "MASTERDOWN", "LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN")
+#: loading its data, memory full, a script running long, a failed snapshot with
+#: stop-writes-on-bgsave-error, too few replicas for min-replicas-to-write): worth retrying.
+_TRANSIENT = ("READONLY", "MASTERDOWN", "LOADING", "BUSY", "OOM", "TRYAGAIN", "CLUSTERDOWN",
+              "MISCONF", "NOREPLICAS")  # fmt: skip
 #: ...of which these say the connection reached a node that is no longer the primary.
 _WRONG_NODE = ("READONLY", "MASTERDOWN")
 #: redis-py's classes for some of those codes (it strips the code from their text).

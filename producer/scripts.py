@@ -183,11 +183,13 @@ return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload')}
 # CLAIM made the stream and RENEW moves its TTL; a stream made here (it had expired
 # or was deleted under a running job) gets the TTL now.
 # A job whose write fails (a key of another type under its name) gets the error in
-# its place; the others of the call are written regardless. A refused write (OOM,
-# READONLY) can only be the call's first, so it fails every job of the call alike.
+# its place; the others of the call are written regardless. Redis refusing writes for
+# its own state (OOM, READONLY, MISCONF, NOREPLICAS) refuses every job of the call
+# alike, and the client sends them all again.
 # -> per job: number of entries added | -1 lease lost | -2 stream cap reached | error
 PUBLISH = """
 local maxlen, cap, ttl = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local written = 0  -- the sequence number of the job's last entry written so far
 local function publish(events, lease, job, a)
   if redis.call('GET', lease) ~= ARGV[a] then return -1 end
   local len = redis.call('XLEN', events)
@@ -201,6 +203,7 @@ local function publish(events, lease, job, a)
     if seq > last then
       if len >= cap then capped = true; seq = seq - 1; break end
       redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', unpack(fields))
+      written = seq
       len = len + 1
       added = added + 1
     end
@@ -212,10 +215,13 @@ local function publish(events, lease, job, a)
 end
 local out = {}
 for j = 1, #KEYS / 3 do
+  written = 0
   local ok, res = pcall(publish, KEYS[3 * j - 2], KEYS[3 * j - 1], KEYS[3 * j], 4 * j)
   if ok then
     out[j] = res
   else
+    -- Entries it wrote before failing stay counted: a batch sent again skips them.
+    if written > 0 then redis.pcall('HSET', KEYS[3 * j], 'seq', written) end
     out[j] = {err = type(res) == 'table' and res.err or tostring(res)}
   end
 end

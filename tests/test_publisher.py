@@ -17,7 +17,7 @@ import redis.asyncio.connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from producer import Client, Settings, keys
+from producer import Client, JobStatus, Settings, keys
 from tests.conftest import RedisTarget
 from tests.helpers import scripted
 from worker.jobs import JobRunner
@@ -543,3 +543,114 @@ def test_publish_calls_are_cut_by_jobs_and_by_entries() -> None:
     assert [len(g) for g in _call_groups(taken(*[1] * 150))] == [64, 64, 22]
     assert [len(g) for g in _call_groups(taken(300, 300, 100, 2000, 5))] == [1, 2, 1, 1]
     assert _call_groups([]) == []
+
+
+def test_a_redis_refusing_writes_for_its_own_state_is_waited_out(
+    stack_env: dict[str, str],
+) -> None:
+    """NOREPLICAS (min-replicas-to-write unmet) refuses every job of a call: that is
+    Redis's state, not the job's, so the batch goes again until Redis takes it, once.
+    A private Redis: its configuration changes here."""
+    from ops.stack import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    r = redis.Redis.from_url(server.url)
+    try:
+        settings = Settings.from_env({**stack_env, "REDIS_URL": server.url})
+        r.set(keys.lease_key("refused"), "owner", ex=60)
+        r.config_set("min-replicas-to-write", 1)
+
+        async def main() -> JobChannel:
+            client = redis.asyncio.Redis.from_url(server.url)
+            pub = Publisher(client, settings)
+            ch = pub.open("refused", "owner")
+            try:
+                assert not pub.publish_token(ch, "A", "n")
+                await asyncio.sleep(0.5)  # refused, and sent again, a few times
+                assert ch.failed is None and ch.unwritten
+                r.config_set("min-replicas-to-write", 0)
+                await asyncio.wait_for(pub.drain(ch), 10)
+            finally:
+                await client.aclose()
+            return ch
+
+        ch = asyncio.run(main())
+        assert ch.failed is None and ch.published == 1
+        assert [f[b"text"] for _, f in r.xrange(keys.events_key("refused"))] == [b"A"]
+    finally:
+        r.close()
+        server.cleanup()
+
+
+def test_a_job_whose_entries_redis_refused_ends_failed(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """Entries Redis refused for good leave the job's text short: the job ends
+    ``failed`` naming Redis's reply, never ``succeeded``."""
+    queue = f"actorq-pub-{uuid.uuid4().hex[:6]}"
+    settings = Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue})
+    client = Client(settings)
+    job_id = client.enqueue_actor_job(
+        scripted("one two three four five six", token_delay_ms=20), "go"
+    )
+    refusal = ResponseError("NOPERM this user has no permissions to access one of the keys")
+
+    async def main() -> str:
+        runner = JobRunner(settings, lambda *a: None)
+        pub = runner.publisher
+        send = pub._send
+
+        batches = 0
+
+        async def refusing(taken: Any, calls: Any) -> list[Any]:
+            nonlocal batches
+            results = await send(taken, calls)
+            out = []
+            for (ch, *_), result in zip(taken, results, strict=True):
+                if ch.job_id == job_id:
+                    batches += 1
+                out.append(refusal if ch.job_id == job_id and batches >= 3 else result)
+            return out
+
+        pub._send = refusing  # type: ignore[method-assign]
+        try:
+            return str(await runner.run(job_id))
+        finally:
+            await runner.redis.aclose()
+
+    try:
+        assert asyncio.run(main()) == "failed"
+        record = client.get_result(job_id)
+        assert record is not None and record.status is JobStatus.FAILED
+        assert record.error_type == "StreamWriteError" and record.error is not None
+        assert "NOPERM" in record.error
+    finally:
+        client.redis.delete(queue)
+        client.close()
+
+
+def test_a_job_failing_mid_batch_keeps_the_entries_it_wrote_counted(
+    redis_target: RedisTarget, stack_env: dict[str, str], leased_job: tuple[str, Any]
+) -> None:
+    """An entry Redis refuses after others of the same batch went in (here one with an
+    odd number of fields): those stay counted in the job's ``seq``, so a resend of the
+    pipeline (another job's OOM, say) would skip them instead of writing them twice."""
+    job, r = leased_job
+    settings = Settings.from_env(stack_env)
+
+    async def main() -> JobChannel:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        pub = Publisher(client, settings)
+        ch = pub.open(job, "owner")
+        try:
+            pub.publish_token(ch, "A", "n")
+            pub.publish(ch, ["type", "token", "text"])  # one batch with A
+            await asyncio.wait_for(pub.drain(ch), 10)
+        finally:
+            await client.aclose()
+        return ch
+
+    ch = asyncio.run(main())
+    assert ch.failed is not None and "wrong number of arguments" in ch.failed
+    assert [f[b"text"] for _, f in r.xrange(keys.events_key(job))] == [b"A"]
+    assert r.hget(keys.job_key(job), "seq") == b"1"

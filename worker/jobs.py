@@ -157,6 +157,10 @@ class JobRunner:
                 error = f"stream_max_events exceeded: the stream holds {s.stream_max_events} events"
                 status, error_type = JobStatus.LIMIT_EXCEEDED, "LimitExceeded"
                 result = result.model_copy(update={"finish_reason": "limit", "error": error})
+            if channel.failed is not None:  # its entries stopped: the text is not whole
+                error = f"Redis refused the job's stream entries: {channel.failed}"
+                status, error_type = JobStatus.FAILED, "StreamWriteError"
+                result = result.model_copy(update={"finish_reason": "error", "error": error})
             if active.lease_lost or channel.lost:
                 log.warning("job %s attempt %d: lost its lease; writing nothing", job_id, attempt)
                 metrics.job_skipped("fenced")
