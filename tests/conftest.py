@@ -68,24 +68,20 @@ def _forget_jobs_since(r: redis.Redis, since: float) -> None:
 
 
 def _forget_test_queues(r: redis.Redis, before: set[bytes]) -> None:
-    """Delete the kombu bindings of the queues the tests made (kombu's shared keys stay),
-    and the messages that workers the tests killed left unacked on them."""
+    """Delete the kombu keys the run made (bindings of its queues, and of Celery's
+    pidbox and event exchanges, binding deadlines: kombu's keys that were there before
+    stay), and the messages that workers the tests killed left unacked on its queues."""
     from tests.helpers import forget_unacked
 
     queues = set()
     for key in r.scan_iter(match="_kombu.binding*", count=1000):
+        if key in before:
+            continue
+        r.delete(key)
         queue = key.decode().rpartition(".")[2]
-        if key not in before and queue.startswith(("actorq-", "cli-worker-")):
-            r.delete(key)
+        if queue.startswith(("actorq-", "cli-worker-")):
             queues.add(queue)
     forget_unacked(r, *queues)
-    # kombu 5.7 tracks when expiring bindings (Celery's pidbox) lapse; a table already
-    # gone needs no entry, and the set itself was the tests' if it is not in ``before``.
-    deadlines = b"_kombu.binding_deadlines"
-    if deadlines not in before:
-        for exchange in r.zrange(deadlines, 0, -1):
-            if not r.exists(b"_kombu.binding." + exchange):
-                r.zrem(deadlines, exchange)
     r.close()
 
 
