@@ -102,12 +102,7 @@ def stack_env(redis_target: RedisTarget, session_tag: str) -> Iterator[dict[str,
     if os.environ.get("CELERY_BROKER_URL"):
         env["CELERY_BROKER_URL"] = os.environ["CELERY_BROKER_URL"]
     yield env
-    broker = env.get("CELERY_BROKER_URL", "")
-    if broker.startswith("amqp"):  # a RabbitMQ we don't own: drop this session's queue
-        from kombu import Connection
-
-        with Connection(broker, connect_timeout=5) as conn:
-            conn.default_channel.queue_delete(env["ACTORQ_QUEUE"])
+    _delete_rabbitmq_queues([env])
     if redis_target.embedded is None:  # a Redis we don't own: drop this session's queue keys
         r = redis_target.client()
         for key in r.scan_iter(match=f"*{env['ACTORQ_QUEUE']}*", count=1000):
@@ -148,19 +143,19 @@ def start_worker(
     yield start
     for worker in started:
         worker.stop(timeout=10)
-    _delete_rabbitmq_queues(started)
+    _delete_rabbitmq_queues([worker.env for worker in started])
 
 
-def _delete_rabbitmq_queues(workers: list[WorkerProcess]) -> None:
-    """On a RabbitMQ the suite does not own, delete the queues its workers consumed
-    (durable: they outlive the workers)."""
+def _delete_rabbitmq_queues(envs: list[dict[str, str]]) -> None:
+    """On a RabbitMQ the suite does not own, delete the queues of these environments
+    (``ACTORQ_QUEUE``; durable: they outlive the workers that consumed them)."""
     from kombu import Connection
 
     by_broker: dict[str, set[str]] = {}
-    for worker in workers:
-        broker = worker.env.get("CELERY_BROKER_URL", "")
+    for env in envs:
+        broker = env.get("CELERY_BROKER_URL", "")
         if broker.startswith("amqp"):
-            by_broker.setdefault(broker, set()).add(worker.env["ACTORQ_QUEUE"])
+            by_broker.setdefault(broker, set()).add(env["ACTORQ_QUEUE"])
     for broker, queues in by_broker.items():
         with Connection(broker, connect_timeout=5) as conn:
             for queue in sorted(queues):

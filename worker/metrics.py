@@ -138,7 +138,7 @@ def job_ended_at_claim(status: str) -> None:
 
 def job_ended(status: str, ttft_ms: float | None, duration_ms: float) -> None:
     """The attempt wrote the job's ending with ``status``."""
-    job_ended_at_claim(status)
+    JOBS.labels(status).inc()
     JOB_DURATION.labels(status).observe(max(0.0, duration_ms) / 1000)
     if ttft_ms is not None:
         TTFT.observe(max(0.0, ttft_ms) / 1000)

@@ -114,6 +114,7 @@ class Publisher:
         self._sha: str | None = None
         self._conn: Any = None  # the connection pipelines go out on, once taken
         self._read_reply: Callable[[int], Awaitable[list[Any]]] | None = None  # _conn's reader
+        self._sha_arg = b""  # the script's SHA1 as a RESP bulk string
         self._args = b""  # PUBLISH's arguments common to every job: maxlen, cap, ttl
         self._dirty: dict[JobChannel, None] = {}
         self._calls: list[_ScriptCall] = []
@@ -325,6 +326,7 @@ class Publisher:
         """
         if self._sha is None:
             self._sha = str(await self._redis.script_load(scripts.PUBLISH))
+            self._sha_arg = bulk(self._sha.encode())
             s = self._settings
             self._args = b"".join(
                 bulk(str(a).encode())
@@ -335,7 +337,7 @@ class Publisher:
                 await self._redis.script_load(call.source)
                 self._loaded.add(call.source)
         parts: list[bytes] = []
-        sha = bulk(self._sha.encode())
+        sha = self._sha_arg
         groups = _call_groups(taken)
         for group in groups:
             n = len(group)
