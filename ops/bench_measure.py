@@ -7,10 +7,13 @@ kernel's, not a sampling profiler's.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import json
 import math
 import os
+import select
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -105,34 +108,53 @@ def redis_connections(pid: int, port: int) -> int:
 
 
 class Sampler:
-    """Samples a process tree's memory (and Redis connections) in the background."""
+    """Samples a process tree's memory (and Redis connections) from a process of its own.
+
+    Walking ``/proc`` for a worker of hundreds of threads, and the kernel building
+    its ``smaps_rollup``, cost the measuring router a tenth of its CPU (and its
+    loop's GIL) when this ran on one of its threads: the router's figures would
+    carry the instrument's cost.
+    """
 
     def __init__(self, pid: int, redis_port: int, every_s: float = 1.0) -> None:
         self.pid, self.port, self.every_s = pid, redis_port, every_s
         self.peak_pss = 0
         self.peak_connections = 0
-        self._task: asyncio.Task[None] | None = None
-
-    def sample(self) -> None:
-        pids = tree_pids(self.pid)
-        self.peak_pss = max(self.peak_pss, pss_bytes(pids))
-        self.peak_connections = max(
-            self.peak_connections, sum(redis_connections(p, self.port) for p in pids)
-        )
-
-    async def _run(self) -> None:
-        while True:
-            await asyncio.to_thread(self.sample)
-            await asyncio.sleep(self.every_s)
+        self._proc: subprocess.Popen[str] | None = None
 
     def __enter__(self) -> Sampler:
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        args = [sys.executable, "-m", "ops.bench_measure", str(self.pid), str(self.port)]
+        self._proc = subprocess.Popen(
+            [*args, str(self.every_s)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        self.sample()
+        if self._proc is None:
+            return
+        # Closing its stdin asks for a last sample and the peaks, as one JSON line.
+        out, _ = self._proc.communicate(timeout=60)
+        if self._proc.returncode != 0 or not out.strip():
+            raise RuntimeError(f"the sampler process failed with {self._proc.returncode}")
+        peaks = json.loads(out.strip().splitlines()[-1])
+        self.peak_pss, self.peak_connections = peaks["pss"], peaks["connections"]
+
+
+def _sample_until_stdin_closes(pid: int, port: int, every_s: float) -> dict[str, int]:
+    peaks = {"pss": 0, "connections": 0}
+
+    def take() -> None:
+        pids = tree_pids(pid)
+        peaks["pss"] = max(peaks["pss"], pss_bytes(pids))
+        peaks["connections"] = max(
+            peaks["connections"], sum(redis_connections(p, port) for p in pids)
+        )
+
+    while True:
+        take()
+        if select.select([sys.stdin], [], [], every_s)[0] and not sys.stdin.read(1):
+            take()  # the state at the end of the phase counts too
+            return peaks
 
 
 @dataclass
@@ -281,3 +303,8 @@ def peak_concurrency(traces: Sequence[JobTrace]) -> int:
         cur += step
         peak = max(peak, cur)
     return peak
+
+
+if __name__ == "__main__":
+    got = _sample_until_stdin_closes(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]))
+    print(json.dumps(got))
