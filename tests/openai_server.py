@@ -43,7 +43,9 @@ class Reply:
 
     ``status`` other than 200 answers with an OpenAI-style error body; with
     ``echo_key`` its message repeats the API key it was sent, as OpenAI's 401 does.
-    ``cut_after`` closes the connection after that many content chunks, mid-body.
+    ``cut_after`` closes the connection after that many content chunks, mid-body;
+    ``end_after`` ends the body cleanly there instead, with no finish reason and no
+    ``[DONE]``, as a proxy giving up on its upstream may.
     """
 
     text: str | None = None  # None: echo the last user message
@@ -54,6 +56,7 @@ class Reply:
     error_message: str = "scripted failure"
     echo_key: bool = False
     cut_after: int | None = None
+    end_after: int | None = None
     usage: bool = True  # send the usage chunk when the client asks for it
     finish_reason: str | None = None
 
@@ -189,6 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
                 if reply.cut_after is not None and i >= reply.cut_after:
                     self.close_connection = True
                     return  # no terminating chunk: the client sees a cut body
+                if reply.end_after is not None and i >= reply.end_after:
+                    self._send_chunk(b"")  # a whole HTTP body that holds half a reply
+                    return
                 if i and reply.chunk_delay_s:
                     time.sleep(reply.chunk_delay_s)
                 chunk({"content": token})

@@ -49,10 +49,12 @@ def test_rate_limits_and_server_errors_are_retryable(
     assert not isinstance(info.value, ProviderAuthError)
 
 
+@pytest.mark.parametrize("cut", ["cut_after", "end_after"])
 def test_connection_cut_mid_stream_is_retryable_with_a_partial_result(
-    openai_server: FakeOpenAI,
+    openai_server: FakeOpenAI, cut: str
 ) -> None:
-    m = openai_server.script(model("cut"), Reply(text="one two three four five", cut_after=3))
+    """Cut mid-body, or a whole HTTP body that ends before the reply's finish reason."""
+    m = openai_server.script(model("cut"), Reply(text="one two three four five", **{cut: 3}))
     ex = create_executor(llm(m), creds(openai_server))
     got: list[str] = []
 

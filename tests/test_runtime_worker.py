@@ -161,9 +161,13 @@ def test_timeout_ends_timed_out(client: Client, openai_server: FakeOpenAI) -> No
     assert 0 < len(_tokens(events)) < 10
 
 
-def test_dropped_connection_is_retried_after_a_reset(client: Client, openai_server: FakeOpenAI) -> None:
+@pytest.mark.parametrize("cut", ["cut_after", "end_after"])
+def test_dropped_connection_is_retried_after_a_reset(
+    client: Client, openai_server: FakeOpenAI, cut: str
+) -> None:
+    """Dropped mid-body, or ended cleanly with no finish reason: never a cut ``succeeded``."""
     m = openai_server.script(
-        model("wcut"), Reply(text="lost words here", cut_after=2), Reply(text="whole answer")
+        model("wcut"), Reply(text="lost words here", **{cut: 2}), Reply(text="whole answer")
     )
     events, record = _run(client, llm(m), "go", credentials=creds(openai_server))
     kinds = [e.type for e in events]

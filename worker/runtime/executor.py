@@ -342,9 +342,20 @@ class _ModelCall:
             self.finish = fr
 
     def end(self) -> AIMessage:
-        """Account the finished call; the full reply."""
+        """Account the finished call; the full reply.
+
+        Raises a retryable ``ProviderError`` when the stream ended without a finish
+        reason: every OpenAI-style stream closes with one, so its absence means the
+        body was cut where HTTP could not tell (a proxy ending the response cleanly,
+        a close-delimited body). The call is accounted first: it was billed.
+        """
         output = "".join(self.parts)
         self.run.end_model_call(self.usage, output)
+        if self.finish is None:
+            raise ProviderError(
+                "the model's stream ended without a finish reason: its reply was cut short",
+                retryable=True,
+            )
         tool_calls: list[Any] = []
         invalid: list[Any] = []
         if self.tool_chunks:
