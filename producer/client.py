@@ -427,7 +427,8 @@ class Client:
         """Async twin of :meth:`stream_events`.
 
         Every tail of one event loop shares the client's :class:`~producer.tail.Tail`:
-        a few connections, each reading many streams with one ``XREAD BLOCK``.
+        a few connections, each reading many streams with one ``XREAD``: the
+        streams Redis's key tracking says changed, or all of them, blocking.
         """
         self._check_id(job_id)
         check_cursor(after)
@@ -478,7 +479,12 @@ class Client:
         if tail is None:
             self._forget_closed_loops()
             s = self.settings
-            tail = Tail(s.redis_url, max_connections=s.tail_connections, **s.redis_options)
+            tail = Tail(
+                s.redis_url,
+                max_connections=s.tail_connections,
+                track=s.tail_tracking,
+                **s.redis_options,
+            )
             self._tails[loop] = tail
         return tail
 

@@ -132,6 +132,8 @@ class Settings:
     max_attempts: int = 3
     lease_ttl_s: int = 15
     tail_connections: int = 4
+    #: Tails read the streams Redis's key tracking names as changed (else they poll).
+    tail_tracking: bool = True
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
     broker_ssl: dict[str, Any] | None = field(default=None, repr=False)
@@ -152,6 +154,7 @@ class Settings:
             max_attempts=env_number("ACTORQ_MAX_ATTEMPTS", 3, int, e, low=1),
             lease_ttl_s=env_number("ACTORQ_LEASE_TTL_S", 15, int, e, low=1),
             tail_connections=max(2, env_number("ACTORQ_TAIL_CONNECTIONS", 4, int, e, low=1)),
+            tail_tracking=env_flag("ACTORQ_TAIL_TRACKING", True, e),
             secret_keys=keys,
             redis_options=redis_tls_options(e),
             broker_ssl=broker_ssl_options(broker_url, e),

@@ -1,18 +1,22 @@
 """A multiplexed stream reader: many concurrent tails over a few Redis connections.
 
-One :class:`Tail` lives per client and event loop. It owns a connection pool of
-at most ``max_connections`` connections: up to ``max_connections - 1`` *reader
-shards*, each holding one connection and issuing one ``XREAD BLOCK`` over every
-stream subscribed to it, and one connection for short commands (existence
-checks and waking a blocked reader). Entries are fanned out to per-subscription
-asyncio queues, so 1,000 tails cost a handful of connections instead of 1,000
-blocked ones.
+One :class:`Tail` lives per client and event loop. It owns at most
+``max_connections`` connections: *reader shards*, each holding one connection
+and issuing one ``XREAD`` over streams subscribed to it, one connection for
+short commands (existence checks and waking a blocked reader) and, with key
+tracking, one that listens for Redis's invalidations (:mod:`producer.tracking`).
+Entries are fanned out to per-subscription batches, so 1,000 tails cost a
+handful of connections instead of 1,000 blocked ones.
 
-A shard's ``XREAD`` is rebuilt whenever its set of streams changes: a blocked
-read is interrupted with ``CLIENT UNBLOCK`` so a new subscriber's replay starts
-at once. Wake-ups are coalesced, so a burst of subscribers costs one unblock.
-A subscriber whose queue grows past ``high_water`` batches is left out of the
-reads until it catches up, so a slow consumer holds a bounded amount of memory.
+With tracking, a shard reads only the streams written since it last read them
+(and every stream once a second); a new subscriber's stream is read at once.
+Without (turned off, refused by Redis, or while the listener reconnects), a
+shard's ``XREAD BLOCK`` covers all its streams and is rebuilt whenever that set
+changes: a blocked read is interrupted with ``CLIENT UNBLOCK`` so a new
+subscriber's replay starts at once. Wake-ups are coalesced, so a burst of
+subscribers costs one unblock. A subscriber whose queue grows past
+``high_water`` batches is left out of the reads until it catches up, so a slow
+consumer holds a bounded amount of memory.
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ import itertools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .keys import entry_id_key as _id_key
 from .resp import bulk
+from .tracking import InvalidationListener
 
 __all__ = ["Subscription", "Tail"]
 
@@ -44,6 +50,8 @@ Entry = tuple[str, list[str]]
 _BLOCK_MS = 1000  # a blocked read is interrupted on every change; this bounds shutdown
 _COUNT = 1000  # entries per stream per read
 _TICK_S = 0.1  # resolution of idle wake-ups (existence checks, timeouts)
+#: The invalidation listener outlives the last tail this long, for the next one.
+_LISTENER_LINGER_S = 10.0
 _serial = itertools.count(1)
 #: While reads keep finding entries, a shard polls without BLOCK at most this often.
 #: A blocking XREAD costs Redis about four times a polling one (it registers and
@@ -58,6 +66,9 @@ _POLL_S = 0.002
 _POLL_PER_STREAM_S = 0.000015
 #: The longest pause, whatever the number of streams.
 _POLL_MAX_S = 0.010
+#: With key tracking, a reader reads only the streams Redis said changed, and all of
+#: them this often: a lost invalidation (there is no telling) costs at most this.
+_SWEEP_S = _BLOCK_MS / 1000
 _XREAD_POLL = b"$5\r\nXREAD\r\n$5\r\nCOUNT\r\n$%d\r\n%d\r\n" % (len(str(_COUNT)), _COUNT)
 _XREAD_BLOCK = _XREAD_POLL + b"$5\r\nBLOCK\r\n$%d\r\n%d\r\n" % (len(str(_BLOCK_MS)), _BLOCK_MS)
 _STREAMS = b"$7\r\nSTREAMS\r\n"
@@ -111,6 +122,7 @@ class Subscription:
         shard = self.shard
         if self.paused and shard is not None and len(self._items) <= shard.tail.low_water:
             self.paused = False
+            shard.dirty.add(self.stream)  # what came while it was left out
             shard.changed()
         return item
 
@@ -127,7 +139,12 @@ class _PackedStream:
 
 
 class _Shard:
-    """One reader connection and the streams it reads with one ``XREAD BLOCK``."""
+    """One reader connection and the streams it reads with one ``XREAD``.
+
+    With key tracking (see :mod:`producer.tracking`) a read covers the streams
+    Redis said changed (``dirty``), and every stream once a ``_SWEEP_S``;
+    without, one ``XREAD BLOCK`` over every stream, then polls while entries come.
+    """
 
     def __init__(self, tail: Tail) -> None:
         self.tail = tail
@@ -140,6 +157,11 @@ class _Shard:
         self.client_id: int | None = None
         self.task: asyncio.Task[None] | None = None
         self.has_work = asyncio.Event()
+        #: Streams to read at the next tracked read: changed, new, or resumed.
+        self.dirty: set[str] = set()
+        #: The listener epoch this connection's tracking redirects to, once turned on.
+        self.tracked: int | None = None
+        self.next_sweep = 0.0
         self.redis = tail.reader_client()
         # Per stream: its key RESP-encoded, and the cursor last read from with its
         # encoding. Between two polls most streams have no new entry, so most of a
@@ -150,6 +172,7 @@ class _Shard:
         sub.shard = self
         self.subs.setdefault(sub.stream, []).append(sub)
         self.count += 1
+        self.dirty.add(sub.stream)
         self.changed()
         if self.task is None or self.task.done():
             self.task = asyncio.get_running_loop().create_task(self._run())
@@ -185,7 +208,15 @@ class _Shard:
         finally:
             self.waking = False
 
-    def _read_set(self, block: bool) -> tuple[dict[str, str], bytes]:
+    def mark(self, stream: str | None) -> None:
+        """``stream`` changed (``None``: any may have): read it at the next read."""
+        if stream is None:
+            self.dirty.update(self.subs)
+        else:
+            self.dirty.add(stream)
+        self.has_work.set()
+
+    def _read_set(self, block: bool, only: set[str] | None = None) -> tuple[dict[str, str], bytes]:
         """The streams to read and the cursor read from in each, and that ``XREAD`` in RESP.
 
         ``XREAD COUNT .. [BLOCK ..] STREAMS k.. id..``, built in one pass over the
@@ -197,7 +228,9 @@ class _Shard:
         packed = self._packed
         keys: list[bytes] = []
         ids: list[bytes] = []
-        for stream, group in self.subs.items():
+        subs = self.subs
+        groups = subs.items() if only is None else ((s, subs[s]) for s in only if s in subs)
+        for stream, group in groups:
             if len(group) == 1:  # the common case: one tail per stream, no comparing
                 if group[0].paused:
                     continue
@@ -249,9 +282,16 @@ class _Shard:
                     # Before the read set is taken: a subscriber that arrives during
                     # this await must be in the read, or it waits a whole BLOCK.
                     self.client_id = int(await self.redis.client_id())
+                    self.tracked = None  # a new connection: tracking is off on it
                     if not self.subs:
                         return  # the last one left meanwhile
+                epoch = self.tail.tracking_epoch
+                if epoch is not None and (self.tracked == epoch or await self._track(epoch)):
+                    await self._read_changed(loop)
+                    block = True  # should tracking stop, polling starts with a blocked read
+                    continue
                 streams, command = self._read_set(block)
+                self.dirty.clear()  # a poll reads every stream
                 if not streams:  # every subscriber is paused
                     self.has_work.clear()
                     await self.has_work.wait()
@@ -281,10 +321,53 @@ class _Shard:
         finally:
             # Swap before awaiting: a subscriber arriving meanwhile starts a fresh reader.
             self.client_id = None
+            self.tracked = None
             self.task = None
             redis, self.redis = self.redis, self.tail.reader_client()
             with contextlib.suppress(Exception):
                 await redis.aclose()
+
+    async def _track(self, epoch: int) -> bool:
+        """Turn tracking on for this connection, redirected to listener ``epoch``.
+
+        False: poll instead (the listener moved on meanwhile, or Redis refused).
+        """
+        try:
+            await self.redis.execute_command("CLIENT", "TRACKING", "ON", "REDIRECT", epoch)
+        except ResponseError as exc:
+            if "does not exist" not in str(exc):  # not a listener gone meanwhile: no tracking
+                self.tail.tracking_refused(exc)
+            return False
+        self.tracked = epoch
+        # Keys are tracked from their next read on: one read of every stream.
+        self.dirty.update(self.subs)
+        self.next_sweep = asyncio.get_running_loop().time() + _SWEEP_S
+        return True
+
+    async def _read_changed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """One tracked read of the streams marked changed, or a wait for a mark."""
+        now = loop.time()
+        if now >= self.next_sweep:
+            self.dirty.update(self.subs)
+            self.next_sweep = now + _SWEEP_S
+        # Taken before the read: a mark arriving during it is for the next one.
+        # A paused stream taken here is marked again when it resumes.
+        taken, self.dirty = self.dirty, set()
+        streams, command = self._read_set(False, taken)
+        if not streams:
+            self.has_work.clear()
+            if not self.dirty:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.next_sweep - now):
+                        await self.has_work.wait()
+            return
+        reply = await self._xread(command)
+        if reply:
+            self._dispatch(reply, streams)
+        # Marks gather meanwhile: one read takes the streams of many writes.
+        pause = now + _POLL_S - loop.time()
+        if pause > 0:
+            await asyncio.sleep(pause)
 
     def _dispatch(self, reply: Any, read: dict[str, str]) -> None:
         high = self.tail.high_water
@@ -294,6 +377,8 @@ class _Shard:
             if not group or not entries:
                 continue
             last_s = entries[-1][0]
+            if len(entries) >= _COUNT:  # more may wait, and no write will say so
+                self.dirty.add(stream)
             read_from = read[stream]
             for sub in group:
                 if sub.paused:
@@ -330,19 +415,24 @@ class Tail:
         max_connections: int = 4,
         shard_size: int = 128,
         high_water: int = 256,
+        track: bool = True,
         **redis_options: Any,
     ) -> None:
+        """``track``: read only the streams Redis's key tracking says changed (one of
+        the ``max_connections`` listens for that; needs at least three); else poll."""
         if max_connections < 2:
             raise ValueError("max_connections must be at least 2 (one reader, one command)")
         # Named per process and tail, so CLIENT LIST tells which router holds what.
         self.client_name = f"actorq-tail:{os.getpid()}:{next(_serial)}"
-        self.pool = aioredis.BlockingConnectionPool.from_url(
-            redis_url,
-            max_connections=max_connections,
-            timeout=None,
-            client_name=self.client_name,
-            decode_responses=True,  # ids and fields as str, decoded in C by hiredis
+        tracked = track and max_connections >= 3
+        options: dict[str, Any] = {
+            "timeout": None,
+            "client_name": self.client_name,
+            "decode_responses": True,  # ids and fields as str, decoded in C by hiredis
             **redis_options,
+        }
+        self.pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url, max_connections=max_connections - tracked, **options
         )
         self.redis = aioredis.Redis(connection_pool=self.pool)  # short commands
         self.shard_size = shard_size
@@ -352,11 +442,70 @@ class Tail:
         self._subs: set[Subscription] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
-        self._max_shards = max_connections - 1
+        self._listener: InvalidationListener | None = None
+        self._listener_idle: asyncio.TimerHandle | None = None
+        self._listener_pool: aioredis.BlockingConnectionPool | None = None
+        if tracked:
+            # RESP2 on the listener's own connection: invalidations come as Pub/Sub
+            # messages it reads itself (RESP3 pushes would go to redis-py's handlers).
+            listener_pool = aioredis.BlockingConnectionPool.from_url(
+                redis_url, max_connections=1, **{**options, "protocol": 2}
+            )
+            self._listener_pool = listener_pool
+            self._listener = InvalidationListener(
+                lambda: aioredis.Redis(
+                    connection_pool=listener_pool, single_connection_client=True
+                ),
+                self._on_invalidated,
+                self._on_epoch,
+            )
+        self._max_shards = max_connections - 1 - tracked
 
     def reader_client(self) -> aioredis.Redis:
         """A client holding one pooled connection of its own, for a shard's reads."""
         return aioredis.Redis(connection_pool=self.pool, single_connection_client=True)
+
+    @property
+    def tracking_epoch(self) -> int | None:
+        """The listener's connection id while it listens (readers redirect there), else None."""
+        return self._listener.epoch if self._listener is not None else None
+
+    def tracking_refused(self, exc: Exception) -> None:
+        """Redis will not track keys (before 6.0, a proxy, an ACL): readers poll from now on."""
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        log.info("Redis refused key tracking (%s): tail readers poll instead", exc)
+        asyncio.get_running_loop().create_task(listener.stop())
+
+    def _on_invalidated(self, keys: Iterable[str] | None) -> None:
+        shards = self._shards
+        if keys is None:
+            for shard in shards:
+                shard.mark(None)
+            return
+        for key in keys:
+            for shard in shards:
+                if key in shard.subs:
+                    shard.mark(key)
+
+    def _on_epoch(self) -> None:
+        for shard in self._shards:
+            shard.changed()  # to re-track, or to poll: a blocked read is woken for either
+
+    def _linger_listener(self) -> None:
+        """Stop the listener once no tail has needed it for ``_LISTENER_LINGER_S``."""
+        if self._listener_idle is not None:
+            self._listener_idle.cancel()
+        self._listener_idle = None
+        if self._listener is not None and not self._subs and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._listener_idle = loop.call_later(_LISTENER_LINGER_S, self._stop_idle_listener)
+
+    def _stop_idle_listener(self) -> None:
+        self._listener_idle = None
+        if self._listener is not None and not self._subs:
+            asyncio.get_running_loop().create_task(self._listener.stop())
 
     def _pick_shard(self) -> _Shard:
         best = min(self._shards, key=lambda s: s.count, default=None)
@@ -371,12 +520,19 @@ class Tail:
         sub = Subscription(stream, after)
         self._pick_shard().add(sub)
         self._subs.add(sub)
+        if self._listener is not None:
+            if self._listener_idle is not None:
+                self._listener_idle.cancel()
+                self._listener_idle = None
+            self._listener.start()
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
         try:
             yield sub
         finally:
             self._subs.discard(sub)
+            if not self._subs:
+                self._linger_listener()
             shard = sub.shard
             if shard is not None:
                 shard.remove(sub)
@@ -404,8 +560,8 @@ class Tail:
     @property
     def connections(self) -> int:
         """Connections the pool holds now (in use or idle); never above ``max_connections``."""
-        pool: Any = self.pool
-        return len(pool._available_connections) + len(pool._in_use_connections)
+        pools: list[Any] = [self.pool, self._listener_pool] if self._listener_pool else [self.pool]
+        return sum(len(p._available_connections) + len(p._in_use_connections) for p in pools)
 
     @property
     def subscriptions(self) -> int:
@@ -416,6 +572,10 @@ class Tail:
         self._closing = True
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._listener_idle is not None:
+            self._listener_idle.cancel()
+        if self._listener is not None:
+            await self._listener.stop()
         for shard in self._shards:
             task = shard.task
             if task is None:
@@ -433,3 +593,5 @@ class Tail:
         self._shards.clear()
         await self.redis.aclose()
         await self.pool.disconnect()
+        if self._listener_pool is not None:
+            await self._listener_pool.disconnect()

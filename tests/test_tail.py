@@ -328,19 +328,23 @@ def test_a_subscriber_joining_while_the_reader_starts_is_in_its_first_read(
     assert asyncio.run(main()) < 0.5  # not a whole BLOCK (1 s) later
 
 
-def _private_redis_client(server: EmbeddedRedis, socket_timeout: float) -> Client:
+def _private_redis_client(
+    server: EmbeddedRedis, socket_timeout: float, tracking: bool = True
+) -> Client:
     return Client(
         Settings(
             redis_url=f"{server.url}?socket_timeout={socket_timeout}",
             broker_url=server.url,
+            tail_tracking=tracking,
         )
     )
 
 
 def test_a_read_cut_by_the_socket_timeout_fails_the_tail_and_repeats_nothing() -> None:
+    """Polling: the blocked read is the one Redis's stall cuts (tracked reads don't block)."""
     server = EmbeddedRedis().start()  # its own: the test stalls it
     try:
-        client = _private_redis_client(server, 0.5)
+        client = _private_redis_client(server, 0.5, tracking=False)
         r = redis.Redis.from_url(server.url)
         job_id = _new_job(r)
         stream = keys.events_key(job_id)
