@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from .bench_measure import (
     JobTrace,
     Sampler,
+    command_time,
     cpu_seconds,
     pct,
     summarise_lags,
@@ -362,6 +363,7 @@ def _phase_stream(
 
     others = {"router": [os.getpid()], "redis": [stack.redis.pid]}
     other_cpu: dict[str, float] = {}
+    command_us: dict[str, float] = {}
 
     async def main() -> tuple[list[JobTrace], float, Sampler]:
         # One warm-up job: imports, connections and the script cache are not the point.
@@ -370,9 +372,11 @@ def _phase_stream(
         with Sampler(w.pid, stack.redis.port) as sampler:
             cpu0 = cpu_seconds(pids)
             others0 = {k: cpu_seconds(v) for k, v in others.items()}
+            commands0 = r.info("commandstats")
             traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample, ramp_s)
             cpu = cpu_seconds(pids) - cpu0
             other_cpu.update({k: cpu_seconds(v) - others0[k] for k, v in others.items()})
+            command_us.update(command_time(commands0, r.info("commandstats")))
             peak["redis_clients"] = int(r.info("clients")["connected_clients"])
         await client.aclose()
         return traces, cpu, sampler
@@ -387,6 +391,10 @@ def _phase_stream(
         # The rest of the machine's CPU on the same tokens: the tailing router and Redis.
         router_cpu_us_per_token=us_per_token(other_cpu["router"], out["tokens"]),
         redis_cpu_us_per_token=us_per_token(other_cpu["redis"], out["tokens"]),
+        # Where Redis's time went, by command (a script's time holds its commands').
+        redis_command_us_per_token={
+            k: v / out["tokens"] for k, v in command_us.items() if out["tokens"]
+        },
         worker_pss_bytes=sampler.peak_pss,
         worker_redis_connections=sampler.peak_connections,
         router_tail_connections=peak["tail_connections"],

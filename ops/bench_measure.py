@@ -23,6 +23,7 @@ __all__ = [
     "JobTrace",
     "Sampler",
     "all_streaming",
+    "command_time",
     "cpu_seconds",
     "pct",
     "pss_bytes",
@@ -40,6 +41,16 @@ _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 def us_per_token(cpu_s: float, tokens: int) -> float | None:
     """CPU seconds spread over ``tokens``, in microseconds; ``None`` with no tokens."""
     return cpu_s / tokens * 1e6 if tokens else None
+
+
+def command_time(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float]:
+    """Microseconds Redis spent in each command between two ``INFO commandstats``."""
+    out = {}
+    for key, stats in after.items():
+        spent = stats["usec"] - before.get(key, {}).get("usec", 0)
+        if spent > 0:
+            out[key.removeprefix("cmdstat_")] = float(spent)
+    return out
 
 
 def pct(values: Sequence[float], q: float) -> float | None:

@@ -203,6 +203,7 @@ def render(res: dict[str, Any]) -> str:
         f"{mem['record_bytes_per_job']:.0f} B, fixed {mem['fixed_bytes_per_job']:.0f} B.\n"
         f"prefork (c) in the same memory as actorq's worker: "
         f"{_f(_same_memory(load, prefork), 0)} streams vs {load['peak_concurrent']}."
+        f"{_command_split(load, res['fanin'])}"
     )
     cap = res.get("capacity") or capacity(res)
     m = res.get("machine", {})
@@ -255,6 +256,17 @@ def _rounds(load: dict[str, Any]) -> str:
 
 def _model(machine: dict[str, Any]) -> str:
     return f" ({machine['cpu_model']})" if machine.get("cpu_model") else ""
+
+
+def _command_split(load: dict[str, Any], fanin: dict[str, Any]) -> str:
+    """Redis's busiest commands, load / fan-in, in microseconds per token."""
+    a = load.get("redis_command_us_per_token") or {}
+    b = fanin.get("redis_command_us_per_token") or {}
+    top = sorted(set(a) | set(b), key=lambda k: -(a.get(k, 0) + b.get(k, 0)))[:4]
+    if not top:
+        return ""
+    parts = [f"{k} {_f(a.get(k), 1)} / {_f(b.get(k), 1)}" for k in top]
+    return "\nRedis time by command, us per token (load / fan-in): " + ", ".join(parts) + "."
 
 
 def _same_memory(ours: dict[str, Any], prefork: dict[str, Any]) -> float | None:

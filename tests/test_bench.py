@@ -61,6 +61,10 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     assert sum(x["tokens"] for x in data["load"]["timeline"]) == data["load"]["tokens"]
     assert data["fanin"]["jobs"] == opts.tail_jobs
     assert 1 <= data["fanin"]["router_tail_connections"] <= 4
+    for phase in ("load", "fanin"):  # Redis's time by command: the scripts write, tails read
+        by_command = data[phase]["redis_command_us_per_token"]
+        assert by_command["evalsha"] > 0 and by_command["xread"] > 0, by_command
+    assert any("Redis time by command" in line for line in lines)
     idle = data["idle"]
     for name in ("added_ms_p50", "added_ms_p99"):
         assert _number(idle["first_token"][name]), name
