@@ -364,10 +364,11 @@ class _Shard:
         reply = await self._xread(command)
         if reply:
             self._dispatch(reply, streams)
-        # Marks gather meanwhile: one read takes the streams of many writes.
-        pause = now + _POLL_S - loop.time()
-        if pause > 0:
-            await asyncio.sleep(pause)
+            # Busy: marks gather meanwhile, so one read takes the streams of many
+            # writes. A read that found nothing (a new tail's first) does not wait.
+            pause = now + _POLL_S - loop.time()
+            if pause > 0:
+                await asyncio.sleep(pause)
 
     def _dispatch(self, reply: Any, read: dict[str, str]) -> None:
         high = self.tail.high_water
