@@ -459,6 +459,7 @@ class Tail:
                 ),
                 self._on_invalidated,
                 self._on_epoch,
+                self.tracking_refused,
             )
         self._max_shards = max_connections - 1 - tracked
 

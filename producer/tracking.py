@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 __all__ = ["INVALIDATE_CHANNEL", "InvalidationListener"]
 
@@ -46,7 +47,8 @@ class InvalidationListener:
 
     ``on_keys(keys)`` gets the keys of each message (``None``: any key may have
     changed); ``on_epoch()`` runs whenever ``epoch`` changes (subscribed anew,
-    or lost: ``epoch`` is then ``None``).
+    or lost: ``epoch`` is then ``None``); ``on_refused(exc)`` when Redis answers
+    the subscription with an error (an ACL without the channel): it stops then.
     """
 
     def __init__(
@@ -54,10 +56,12 @@ class InvalidationListener:
         client_factory: Callable[[], aioredis.Redis],
         on_keys: Callable[[Iterable[str] | None], None],
         on_epoch: Callable[[], None],
+        on_refused: Callable[[Exception], None],
     ) -> None:
         self._client_factory = client_factory
         self._on_keys = on_keys
         self._on_epoch = on_epoch
+        self._on_refused = on_refused
         #: The subscribed connection's client id while it listens, else ``None``.
         self.epoch: int | None = None
         self._task: asyncio.Task[None] | None = None
@@ -89,6 +93,9 @@ class InvalidationListener:
                 await self._listen(client)
             except asyncio.CancelledError:
                 raise
+            except ResponseError as exc:  # refused, not lost: asking again changes nothing
+                self._on_refused(exc)
+                return
             except Exception as exc:
                 failures += 1
                 log.info("tail invalidation listener lost (%s); readers poll meanwhile", exc)

@@ -174,14 +174,20 @@ def test_tails_lose_nothing_when_the_invalidation_listener_is_killed(
     r.close()
 
 
+@pytest.mark.parametrize(
+    "acl",
+    [
+        ("-client", "+client|id", "+client|setname", "+client|unblock"),  # no CLIENT TRACKING
+        ("resetchannels",),  # no channel: the listener's SUBSCRIBE is refused
+    ],
+    ids=["no-client-tracking", "no-channels"],
+)
 def test_a_redis_that_refuses_tracking_is_polled(
-    server: EmbeddedRedis, caplog: pytest.LogCaptureFixture
+    server: EmbeddedRedis, caplog: pytest.LogCaptureFixture, acl: tuple[str, ...]
 ) -> None:
-    """An ACL without CLIENT TRACKING (or a proxy without it): the tails poll, nothing is lost."""
+    """An ACL (or a proxy) without what tracking needs: the tails poll, nothing is lost."""
     r = redis.Redis.from_url(server.url)
-    r.execute_command(
-        "ACL", "SETUSER", "default", "-client", "+client|id", "+client|setname", "+client|unblock"
-    )
+    r.execute_command("ACL", "SETUSER", "default", *acl)
     client = _client(server)
     jobs = _jobs(r, 10)
 
