@@ -254,6 +254,38 @@ class _Shard:
         count = b"*%d\r\n" % ((6 if block else 4) + 2 * len(streams))
         return streams, b"".join([count, head, _STREAMS, *keys, *ids])
 
+    async def _read(self, command: bytes, streams: dict[str, str]) -> Any:
+        """:meth:`_xread`; a key of another type fails its own tails, not the read's others.
+
+        Redis answers a whole multi-stream ``XREAD`` with ``WRONGTYPE`` when one of
+        its keys is not a stream: one such key (a bug, a hand-made key) would fail
+        every tail of the reader, and every read after.
+        """
+        try:
+            return await self._xread(command)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE") or not await self._drop_wrong_types(streams):
+                raise
+            return None
+
+    async def _drop_wrong_types(self, streams: dict[str, str]) -> bool:
+        """Fail and drop the subscriptions of ``streams`` whose key is not a stream."""
+        pipe = self.tail.redis.pipeline(transaction=False)
+        for stream in streams:
+            pipe.type(stream)
+        kinds = await pipe.execute()
+        dropped = False
+        for stream, kind in zip(streams, kinds, strict=True):
+            if kind in ("stream", "none"):
+                continue
+            dropped = True
+            exc = ResponseError(f"WRONGTYPE {stream} holds a {kind}, not a stream")
+            for sub in self.subs.pop(stream, []):
+                self.count -= 1
+                sub.shard = None
+                sub.put(exc)
+        return dropped
+
     async def _xread(self, command: bytes) -> Any:
         conn: Any = self.redis.connection
         await conn.send_packed_command(command, check_health=False)
@@ -300,7 +332,7 @@ class _Shard:
                 self.in_read = block  # only a blocked read needs waking on a change
                 started = loop.time()
                 try:
-                    reply = await self._xread(command)
+                    reply = await self._read(command, streams)
                 finally:
                     self.in_read = False
                 if reply:
@@ -361,7 +393,7 @@ class _Shard:
                     async with asyncio.timeout(self.next_sweep - now):
                         await self.has_work.wait()
             return
-        reply = await self._xread(command)
+        reply = await self._read(command, streams)
         if reply:
             self._dispatch(reply, streams)
             # Busy: marks gather meanwhile, so one read takes the streams of many

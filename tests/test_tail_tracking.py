@@ -247,3 +247,41 @@ def test_a_listener_that_hears_nothing_reconnects(
     assert first is not None and second is not None and second != first
     assert [e.text for e in events if e.type == "token"] == ["after"]
     r.close()
+
+
+@pytest.mark.parametrize("tracking", [True, False])
+def test_a_key_that_is_not_a_stream_fails_only_its_own_tail(
+    server: EmbeddedRedis, tracking: bool
+) -> None:
+    """Redis answers a whole multi-stream XREAD with WRONGTYPE: the reader finds the key."""
+    r = redis.Redis.from_url(server.url)
+    client = _client(server, tracking)
+    good = _jobs(r, 3)
+    r.hset(keys.job_key("trk-bad"), "status", "running")
+    r.set(keys.events_key("trk-bad"), "not a stream")
+
+    async def collect(job_id: str) -> list[Any] | BaseException:
+        try:
+            return await _collect(client, job_id)
+        except Exception as exc:
+            return exc
+
+    async def main() -> list[list[Any] | BaseException]:
+        tails = [asyncio.create_task(collect(j)) for j in good]
+        await asyncio.sleep(0.3)
+        tails.append(asyncio.create_task(collect("trk-bad")))
+        await asyncio.sleep(0.3)
+        for j in good:
+            await asyncio.to_thread(_write, r, j, "after")
+        await asyncio.to_thread(_finish, r, good)
+        results = await asyncio.wait_for(asyncio.gather(*tails), 30)
+        await client.aclose()
+        return results
+
+    *fine, bad = asyncio.run(main())
+    client.close()
+    assert isinstance(bad, redis.ResponseError) and "trk-bad" in str(bad) and "string" in str(bad)
+    for events in fine:
+        assert isinstance(events, list), events
+        assert [e.type for e in events] == ["start", "token", "done"]
+    r.close()
