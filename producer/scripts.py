@@ -40,6 +40,8 @@ def running_job_keys(job_id: str) -> list[str]:
 
 
 # finish(status, error, error_type, result_json, now, ttl, maxlen) -> done entry id
+# An events key of another type (WRONGTYPE) gets no done entry, and the ending is
+# recorded regardless (done_id ''): a job whose stream cannot end must still end.
 _FINISH_FN = """
 local TERMINAL = {succeeded=1, failed=1, cancelled=1, timed_out=1, limit_exceeded=1}
 local function finish(status, err, err_type, result, now, ttl, maxlen)
@@ -48,7 +50,12 @@ local function finish(status, err, err_type, result, now, ttl, maxlen)
   if err ~= '' then
     table.insert(fields, 'error'); table.insert(fields, err)
   end
-  local id = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  local ok, id = pcall(redis.call, 'XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', unpack(fields))
+  if not ok then
+    local why = type(id) == 'table' and id.err or tostring(id)
+    if not string.find(why, 'WRONGTYPE', 1, true) then error(id) end
+    id = ''
+  end
   redis.call('HSET', KEYS[1], 'status', status, 'error', err, 'error_type', err_type,
              'result', result, 'finished_at', now, 'done_id', id)
   redis.call('HDEL', KEYS[1], 'payload')
@@ -107,7 +114,7 @@ return {1, id}
 # queue (recorded so a sweeper sends the job back to the queue it came from),
 # index_deadline (the lease's end, unix seconds), job_id
 # -> {'claimed', attempt, payload} | {'missing'} | {'terminal'} | {'busy'} | {'exhausted'}
-#    | {'cancelled'}
+#    | {'cancelled'} | {'unstreamable'}
 # A claimed job enters the running index (KEYS[5]) in the same step, so there is no
 # moment a worker could die holding a lease the sweeper can't find; the payload
 # comes back with the claim, saving the attempt a round trip. A claim that ends the
@@ -122,6 +129,9 @@ if TERMINAL[status] then
   -- This very claim ended the job, and its reply was lost: answer as it did.
   if redis.call('HGET', KEYS[1], 'ended_by') == ARGV[1] then
     if status == 'cancelled' then return {'cancelled', 0} end
+    if redis.call('HGET', KEYS[1], 'error_type') == 'StreamWriteError' then
+      return {'unstreamable', 0}
+    end
     return {'exhausted', tonumber(redis.call('HGET', KEYS[1], 'attempt'))}
   end
   return {'terminal', 0}
@@ -140,6 +150,15 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   finish('cancelled', why, 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'cancelled', 0}
+end
+-- An events key of another type can take no entry: the job ends here, failed, rather
+-- than run an attempt whose every write fails (and be sent again for good).
+local kind = redis.call('TYPE', KEYS[2]).ok
+if kind ~= 'stream' and kind ~= 'none' then
+  finish('failed', 'its events key ' .. KEYS[2] .. ' holds a ' .. kind .. ', not a stream',
+         'StreamWriteError', ARGV[9], ARGV[3], ARGV[6], ARGV[7])
+  redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
+  return {'unstreamable', 0}
 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 if attempt > tonumber(ARGV[4]) then

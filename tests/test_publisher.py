@@ -293,6 +293,55 @@ def test_a_job_whose_stream_key_is_of_another_type_fails_alone(
         r.close()
 
 
+def test_a_job_whose_events_key_is_not_a_stream_ends_failed_and_stays_ended(
+    redis_target: RedisTarget, stack_env: dict[str, str]
+) -> None:
+    """At claim (its key broken while it queued) or at its ending (broken while it ran):
+    the record is written without a done entry, and the job is not run or sent again."""
+    from producer import ActorResult
+
+    queue = f"actorq-pub-{uuid.uuid4().hex[:6]}"
+    settings = Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue})
+    client = Client(settings)
+    queued, running = (client.enqueue_actor_job(scripted("x"), "go") for _ in range(2))
+    r = redis_target.client()
+    r.set(keys.events_key(queued), "not a stream")
+
+    async def main() -> tuple[str, str, str, str]:
+        runner = JobRunner(settings, lambda *a: None)
+        first, again = await runner.run(queued), await runner.run(queued)
+        assert await runner._claim(running, "owner-r") is not None
+        await asyncio.to_thread(r.delete, keys.events_key(running))
+        await asyncio.to_thread(r.set, keys.events_key(running), "not a stream either")
+        result = ActorResult(finish_reason="error")
+        ended = await runner._finish(
+            running, "owner-r", JobStatus.FAILED, "x", "StreamWriteError", result, []
+        )
+        later = await runner.run(running)
+        await runner.redis.aclose()
+        return first, again, ended, later
+
+    try:
+        first, again, ended, later = asyncio.run(main())
+        assert (first, again) == ("unstreamable", "terminal")
+        assert (ended, later) == ("failed", "terminal")
+        for job_id in (queued, running):
+            record = client.get_result(job_id)
+            assert record is not None and record.status is JobStatus.FAILED, record
+            assert record.error_type == "StreamWriteError" and not record.done_id
+            assert r.zscore(keys.RUNNING_INDEX, job_id) is None
+        record = client.get_result(queued)
+        assert record is not None and record.error is not None and "not a stream" in record.error
+        assert r.get(keys.events_key(queued)) == b"not a stream"  # left as it was
+    finally:
+        for job_id in (queued, running):
+            r.delete(keys.lease_key(job_id), keys.events_key(job_id), keys.job_key(job_id))
+        r.zrem(keys.RUNNING_INDEX, queued, running)
+        client.redis.delete(queue)
+        client.close()
+        r.close()
+
+
 def test_a_script_cache_flushed_under_the_publisher_is_loaded_again(
     redis_target: RedisTarget, stack_env: dict[str, str]
 ) -> None:

@@ -56,7 +56,11 @@ def _event_fields(event: RunEvent) -> list[str]:
 
 
 #: CLAIM's verdicts that mean it wrote the job's ending itself, and that ending's status.
-_CLAIM_ENDINGS = {"cancelled": JobStatus.CANCELLED.value, "exhausted": JobStatus.FAILED.value}
+_CLAIM_ENDINGS = {
+    "cancelled": JobStatus.CANCELLED.value,
+    "exhausted": JobStatus.FAILED.value,
+    "unstreamable": JobStatus.FAILED.value,  # its events key is not a stream
+}
 
 
 class JobRunner:
