@@ -18,7 +18,7 @@ from producer.schema import ActorResult, NodeUsage
 
 from ..errors import LimitExceeded
 
-__all__ = ["combine_tries", "remaining_limits"]
+__all__ = ["combine_tries", "remaining_limits", "token_totals"]
 
 
 def remaining_limits(base: Limits, spent: Sequence[ActorResult], elapsed_ms: float) -> Limits:
@@ -78,15 +78,22 @@ def combine_tries(
     return last.model_copy(
         update={
             "nodes": merged,
-            "input_tokens": sum(n.input_tokens for n in merged),
-            "output_tokens": sum(n.output_tokens for n in merged),
-            "total_tokens": sum(n.total_tokens for n in merged),
+            **token_totals(merged),
             "cost_usd": cost,
             "model_calls": sum(r.model_calls for r in (*spent, last)),
             "tool_calls": sum(r.tool_calls for r in (*spent, last)),
             "duration_ms": duration_ms,
         }
     )
+
+
+def token_totals(nodes: Sequence[NodeUsage]) -> dict[str, int]:
+    """An ``ActorResult``'s token counts: its nodes' summed."""
+    return {
+        "input_tokens": sum(n.input_tokens for n in nodes),
+        "output_tokens": sum(n.output_tokens for n in nodes),
+        "total_tokens": sum(n.total_tokens for n in nodes),
+    }
 
 
 def _add_usage(a: NodeUsage, b: NodeUsage) -> NodeUsage:

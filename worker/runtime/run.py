@@ -13,6 +13,7 @@ from producer.config import Limits, ModelPrice
 from producer.schema import ActorResult, NodeUsage
 
 from ..errors import LimitExceeded
+from .budget import token_totals
 from .usage import cost_usd, count_tokens, warn_heuristic
 
 __all__ = ["Run", "RunEvent"]
@@ -184,9 +185,7 @@ class Run:
         return ActorResult(
             text=self.final_text,
             nodes=nodes,
-            input_tokens=sum(n.input_tokens for n in nodes),
-            output_tokens=sum(n.output_tokens for n in nodes),
-            total_tokens=sum(n.total_tokens for n in nodes),
+            **token_totals(nodes),
             cost_usd=self.cost(),
             model_calls=self.model_calls,
             tool_calls=self.tool_calls,
