@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -24,13 +25,31 @@ def _env(stack_env: dict[str, str], url: str, **extra: str) -> dict[str, str]:
 
 
 def _run_one_job(env: dict[str, str]) -> None:
+    """One job enqueued, tailed (as a router tails: shared, tracked reads) and read back."""
     client = Client(Settings.from_env(env))
+
+    async def tail(job_id: str) -> tuple[str, int | None]:
+        text = ""
+        async for event in client.astream_events(job_id, timeout=60):
+            text += event.text if event.type == "token" else ""
+        # The listener outlives the tail: it subscribes unless Redis refuses it.
+        for _ in range(50):
+            if client.tail.tracking_epoch is not None:
+                break
+            await asyncio.sleep(0.05)
+        epoch = client.tail.tracking_epoch
+        await client.aclose()
+        return text, epoch
+
     try:
         job_id = client.enqueue_actor_job(
             scripted("over an authenticated link"),
             "go",
             credentials={"openai": {"api_key": "sk-auth-test-key-000"}},
         )
+        text, epoch = asyncio.run(tail(job_id))
+        assert text == "over an authenticated link"
+        assert epoch is not None  # key tracking allowed to this user too
         record = client.wait_result(job_id, timeout=60)
         assert record.status is JobStatus.SUCCEEDED, record
         assert record.result is not None and record.result.text == "over an authenticated link"
@@ -53,10 +72,11 @@ def test_password_and_acl_user_end_to_end(
 ) -> None:
     admin = redis.Redis.from_url(locked_redis.url)
     user, password = "actorq", f"pw-{uuid.uuid4().hex}"
-    # Everything but administration and dangerous commands (KEYS, FLUSHALL, CONFIG, ...).
+    # Everything but administration and dangerous commands (KEYS, FLUSHALL, CONFIG, ...),
+    # and the CLIENT subcommands a router's tails use (Redis 6 files all of CLIENT as admin).
     admin.execute_command(
         "ACL", "SETUSER", user, "reset", "on", f">{password}", "~*", "&*", "+@all", "-@admin",
-        "-@dangerous",
+        "-@dangerous", "+client|id", "+client|setname", "+client|tracking",
     )  # fmt: skip
     admin.close()
     port = locked_redis.port
