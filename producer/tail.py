@@ -478,6 +478,7 @@ class Tail:
         self._listener: InvalidationListener | None = None
         self._listener_idle: asyncio.TimerHandle | None = None
         self._listener_pool: aioredis.BlockingConnectionPool | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
         if tracked:
             # RESP2 on the listener's own connection: invalidations come as Pub/Sub
             # messages it reads itself (RESP3 pushes would go to redis-py's handlers).
@@ -510,7 +511,13 @@ class Tail:
         if listener is None:
             return
         log.info("Redis refused key tracking (%s): tail readers poll instead", exc)
-        asyncio.get_running_loop().create_task(listener.stop())
+        self._stop_listener(listener)
+
+    def _stop_listener(self, listener: InvalidationListener) -> None:
+        # Held until done: the loop keeps only a weak reference to a task.
+        task = asyncio.get_running_loop().create_task(listener.stop())
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
 
     def _on_invalidated(self, keys: Iterable[str] | None) -> None:
         shards = self._shards
@@ -539,7 +546,7 @@ class Tail:
     def _stop_idle_listener(self) -> None:
         self._listener_idle = None
         if self._listener is not None and not self._subs:
-            asyncio.get_running_loop().create_task(self._listener.stop())
+            self._stop_listener(self._listener)
 
     def _pick_shard(self) -> _Shard:
         best = min(self._shards, key=lambda s: s.count, default=None)
