@@ -510,7 +510,7 @@ class Tail:
         listener, self._listener = self._listener, None
         if listener is None:
             return
-        log.info("Redis refused key tracking (%s): tail readers poll instead", exc)
+        log.warning("Redis refused key tracking (%s): tail readers poll instead", exc)
         self._stop_listener(listener)
 
     def _stop_listener(self, listener: InvalidationListener) -> None:
