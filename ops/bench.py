@@ -209,6 +209,12 @@ async def _run_jobs(
     return [t.result() for t in tails]
 
 
+def _redis_cpu(r: Any) -> float:
+    """Redis's own CPU seconds so far, to the microsecond (``/proc`` counts 10 ms ticks)."""
+    cpu = r.info("cpu")
+    return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
+
 def _phase_idle(stack: _Stack) -> dict[str, Any]:
     """One job at a time on an idle worker, then a batch for Redis memory."""
     o = stack.opts
@@ -228,7 +234,7 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
             await asyncio.sleep(0.05)
         return out
 
-    per_job_cpu: list[float] = []
+    per_job_cpu: list[float] = []  # worker, then Redis: CPU seconds per one-token job
 
     async def memory() -> tuple[list[JobTrace], list[JobTrace]]:
         # Two lengths, so the per-entry cost and the fixed cost of a job can be told apart.
@@ -236,9 +242,10 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
             client, stack.env, bench_config(memory_tokens(o), 0, 0), o.memory_jobs, 120, _noop
         )
         pids = tree_pids(w.pid)
-        cpu0 = cpu_seconds(pids)
+        cpu0, redis0 = cpu_seconds(pids), _redis_cpu(r)
         small = await _run_jobs(client, stack.env, bench_config(1, 0, 0), o.memory_jobs, 120, _noop)
         per_job_cpu.append((cpu_seconds(pids) - cpu0) / max(1, len(small)))
+        per_job_cpu.append((_redis_cpu(r) - redis0) / max(1, len(small)))
         await client.aclose()
         return big, small
 
@@ -279,6 +286,8 @@ def _phase_idle(stack: _Stack) -> dict[str, Any]:
         },
         # Claim, load, build the model, finish, Celery's own work: paid once per job.
         "worker_cpu_ms_per_job": per_job_cpu[0] * 1000 if per_job_cpu else None,
+        # Enqueue, queue, claim, one entry, ending, ack: Redis's share of a job's fixed cost.
+        "redis_cpu_ms_per_job": per_job_cpu[1] * 1000 if per_job_cpu else None,
         "memory": {
             "jobs": len(big) + len(small),
             "succeeded": sum(1 for t in big + small if t.status == "succeeded"),

@@ -196,7 +196,7 @@ def render(res: dict[str, Any]) -> str:
         f"(the mean is the floor).{_rounds(load)}\n"
         f"Worker CPU per job (claim, build, finish, Celery): {_f(per_job)} ms; per token "
         f"without it: {_f(steady, 1)} us ({_f(_ratio(steady, floor['cpu_us_per_token']))}x "
-        f"floor).\n"
+        f"floor).{_redis_per_job(res['idle'].get('redis_cpu_ms_per_job'))}\n"
         f"Redis, a job of {mem['entries_per_job']:.0f} entries: stream "
         f"{mem['stream_bytes_per_job']:.0f} B ({mem['bytes_per_entry']:.0f} B/entry on average, "
         f"{mem['marginal_bytes_per_entry']:.0f} B/entry marginal), record "
@@ -256,6 +256,16 @@ def _rounds(load: dict[str, Any]) -> str:
 
 def _model(machine: dict[str, Any]) -> str:
     return f" ({machine['cpu_model']})" if machine.get("cpu_model") else ""
+
+
+def _redis_per_job(ms: float | None) -> str:
+    """Redis's CPU for a one-token job, enqueue to ack, and the job rate of one core."""
+    if not ms:
+        return ""
+    return (
+        f" Redis CPU per one-token job (enqueue to ack): {_f(ms)} ms, so one Redis core "
+        f"carries ~{_f(1000 / ms, 0)} such jobs/s."
+    )
 
 
 def _command_split(load: dict[str, Any], fanin: dict[str, Any]) -> str:

@@ -68,7 +68,8 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     idle = data["idle"]
     for name in ("added_ms_p50", "added_ms_p99"):
         assert _number(idle["first_token"][name]), name
-    assert _number(idle["worker_cpu_ms_per_job"])
+    assert _number(idle["worker_cpu_ms_per_job"]) and _number(idle["redis_cpu_ms_per_job"])
+    assert any("Redis CPU per one-token job" in line for line in lines)
     mem = idle["memory"]
     assert mem["succeeded"] == mem["jobs"]
     assert mem["entries_per_job"] == memory_tokens(opts) + 2  # start, tokens, done
