@@ -111,11 +111,18 @@ class Publisher:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self._redis = redis
         self._settings = settings
-        self._sha: str | None = None
         self._conn: Any = None  # the connection pipelines go out on, once taken
         self._read_reply: Callable[[int], Awaitable[list[Any]]] | None = None  # _conn's reader
-        self._sha_arg = b""  # the script's SHA1 as a RESP bulk string
-        self._args = b""  # PUBLISH's arguments common to every job: maxlen, cap, ttl
+        self._sha_arg = b""  # PUBLISH's SHA1 as a RESP bulk string, once the server has it
+        # PUBLISH's arguments common to every job: maxlen, cap, ttl.
+        self._args = b"".join(
+            bulk(str(a).encode())
+            for a in (
+                settings.stream_max_events + 64,
+                settings.stream_max_events,
+                settings.retention_s,
+            )
+        )
         self._dirty: dict[JobChannel, None] = {}
         self._calls: list[_ScriptCall] = []
         self._loaded: set[str] = set()  # sources of the call scripts the server has loaded
@@ -306,7 +313,7 @@ class Publisher:
                 self._start_flusher()
 
     def _forget_scripts(self) -> None:
-        self._sha = None
+        self._sha_arg = b""
         self._loaded.clear()
 
     async def _send(
@@ -324,14 +331,8 @@ class Publisher:
         when the pipeline failed, or when Redis refused a write for now (OOM, a
         failover): then every job's batch is sent again.
         """
-        if self._sha is None:
-            self._sha = str(await self._redis.script_load(scripts.PUBLISH))
-            self._sha_arg = bulk(self._sha.encode())
-            s = self._settings
-            self._args = b"".join(
-                bulk(str(a).encode())
-                for a in (s.stream_max_events + 64, s.stream_max_events, s.retention_s)
-            )
+        if not self._sha_arg:
+            self._sha_arg = bulk(str(await self._redis.script_load(scripts.PUBLISH)).encode())
         for call in calls:
             if call.source not in self._loaded:
                 await self._redis.script_load(call.source)
