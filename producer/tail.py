@@ -279,11 +279,9 @@ class _Shard:
             if kind in ("stream", "none"):
                 continue
             dropped = True
-            exc = ResponseError(f"WRONGTYPE {stream} holds a {kind}, not a stream")
-            for sub in self.subs.pop(stream, []):
-                self.count -= 1
-                sub.shard = None
-                sub.put(exc)
+            self._fail_stream(
+                stream, ResponseError(f"WRONGTYPE {stream} holds a {kind}, not a stream")
+            )
         return dropped
 
     async def _xread(self, command: bytes) -> Any:
@@ -430,12 +428,15 @@ class _Shard:
                         sub.paused = True
 
     def _fail(self, exc: BaseException) -> None:
-        for group in self.subs.values():
-            for sub in group:
-                sub.put(exc)
-                sub.shard = None
-        self.subs.clear()
-        self.count = 0
+        for stream in list(self.subs):
+            self._fail_stream(stream, exc)
+
+    def _fail_stream(self, stream: str, exc: BaseException) -> None:
+        """End the tails of ``stream`` with ``exc``; they leave this reader."""
+        for sub in self.subs.pop(stream, []):
+            self.count -= 1
+            sub.shard = None
+            sub.put(exc)
 
 
 class Tail:
@@ -534,11 +535,14 @@ class Tail:
         for shard in self._shards:
             shard.changed()  # to re-track, or to poll: a blocked read is woken for either
 
-    def _linger_listener(self) -> None:
-        """Stop the listener once no tail has needed it for ``_LISTENER_LINGER_S``."""
+    def _cancel_linger(self) -> None:
         if self._listener_idle is not None:
             self._listener_idle.cancel()
-        self._listener_idle = None
+            self._listener_idle = None
+
+    def _linger_listener(self) -> None:
+        """Stop the listener once no tail has needed it for ``_LISTENER_LINGER_S``."""
+        self._cancel_linger()
         if self._listener is not None and not self._subs and not self._closing:
             loop = asyncio.get_running_loop()
             self._listener_idle = loop.call_later(_LISTENER_LINGER_S, self._stop_idle_listener)
@@ -562,9 +566,7 @@ class Tail:
         self._pick_shard().add(sub)
         self._subs.add(sub)
         if self._listener is not None:
-            if self._listener_idle is not None:
-                self._listener_idle.cancel()
-                self._listener_idle = None
+            self._cancel_linger()
             self._listener.start()
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick())
@@ -613,8 +615,7 @@ class Tail:
         self._closing = True
         if self._ticker is not None:
             self._ticker.cancel()
-        if self._listener_idle is not None:
-            self._listener_idle.cancel()
+        self._cancel_linger()
         if self._listener is not None:
             await self._listener.stop()
         for shard in self._shards:
