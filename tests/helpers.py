@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from typing import Any
 
 import redis
 
-from producer import keys
+from producer import Client, keys
 
 
 def scripted(reply: str = "one two three four five", **extra: Any) -> dict[str, Any]:
     return {"type": "llm", "name": "tester", "provider": "scripted", "reply": reply, **extra}
+
+
+async def listener_epoch(client: Client, other_than: int | None, timeout: float) -> int | None:
+    """The tail's key-tracking listener id once it listens and is not ``other_than``;
+    as it is after ``timeout`` (``None``: no listener, as when Redis refused tracking)."""
+    deadline = time.monotonic() + timeout
+    while client.tail.tracking_epoch in (None, other_than) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return client.tail.tracking_epoch
 
 
 def actorq_keys(r: redis.Redis) -> set[bytes]:

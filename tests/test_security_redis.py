@@ -15,7 +15,7 @@ from ops.stack import EmbeddedRedis, redis_server_binary
 from producer import Client, JobStatus, Settings
 from producer.settings import broker_ssl_options
 from tests.conftest import WorkerFactory
-from tests.helpers import scripted
+from tests.helpers import listener_epoch, scripted
 from tests.security_support import make_tls_files
 
 
@@ -33,11 +33,7 @@ def _run_one_job(env: dict[str, str]) -> None:
         async for event in client.astream_events(job_id, timeout=60):
             text += event.text if event.type == "token" else ""
         # The listener outlives the tail: it subscribes unless Redis refuses it.
-        for _ in range(50):
-            if client.tail.tracking_epoch is not None:
-                break
-            await asyncio.sleep(0.05)
-        epoch = client.tail.tracking_epoch
+        epoch = await listener_epoch(client, None, 2.5)
         await client.aclose()
         return text, epoch
 

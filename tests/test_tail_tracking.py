@@ -9,7 +9,6 @@ import asyncio
 import logging
 import statistics
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +18,7 @@ import redis
 
 from ops.stack import EmbeddedRedis
 from producer import Client, Settings, keys
+from tests.helpers import listener_epoch
 
 
 @pytest.fixture
@@ -120,7 +120,9 @@ def test_a_tracked_tail_reads_only_the_streams_that_changed(
     if tracking:
         # Sweeps read every stream once a second; every other read names what changed.
         assert statistics.median(per_read) <= 3, per_read
-        listener = [c for c in readers if "P" in c["flags"] and c.get("name", "").startswith("actorq-tail")]
+        listener = [
+            c for c in readers if "P" in c["flags"] and c.get("name", "").startswith("actorq-tail")
+        ]
         tracked = [c for c in readers if "t" in c["flags"]]
         assert len(listener) == 1 and tracked
         assert all(c["redir"] == listener[0]["id"] for c in tracked)
@@ -139,11 +141,7 @@ def test_tails_lose_nothing_when_the_invalidation_listener_is_killed(
 
     async def main() -> tuple[list[list[Any]], int, int | None]:
         tails = [asyncio.create_task(_collect(client, j)) for j in jobs]
-        tail = client.tail
-        deadline = time.monotonic() + 5
-        while tail.tracking_epoch is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        first = tail.tracking_epoch
+        first = await listener_epoch(client, None, 5)
         assert first is not None
         for i in range(30):
             if i == 10:
@@ -151,10 +149,7 @@ def test_tails_lose_nothing_when_the_invalidation_listener_is_killed(
             for j in jobs:
                 await asyncio.to_thread(_write, r, j, f"{i} ")
             await asyncio.sleep(0.02)
-        deadline = time.monotonic() + 10
-        while tail.tracking_epoch in (None, first) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        second = tail.tracking_epoch
+        second = await listener_epoch(client, first, 10)
         # Entries after the new listener came: delivered by tracked reads again.
         for j in jobs:
             await asyncio.to_thread(_write, r, j, "30 ")
@@ -227,15 +222,9 @@ def test_a_listener_that_hears_nothing_reconnects(
 
     async def main() -> tuple[list[Any], int | None, int | None]:
         tail = asyncio.create_task(_collect(client, job))
-        deadline = time.monotonic() + 5
-        while client.tail.tracking_epoch is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        first = client.tail.tracking_epoch
+        first = await listener_epoch(client, None, 5)
         await asyncio.to_thread(r.execute_command, "CLIENT", "PAUSE", "1500")
-        deadline = time.monotonic() + 10
-        while client.tail.tracking_epoch in (None, first) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        second = client.tail.tracking_epoch
+        second = await listener_epoch(client, first, 10)
         await asyncio.to_thread(_write, r, job, "after")
         await asyncio.to_thread(_finish, r, [job])
         events = await asyncio.wait_for(tail, 30)
