@@ -8,7 +8,7 @@ key                            type    holds
 =============================  ======  ==============================================
 ``actorq:job:{ID}``            hash    status, timestamps, attempt, actor, error,
                                        result JSON, the encrypted job payload, sent,
-                                       ended_by
+                                       ended_by, usage so far (until it ends)
 ``actorq:job:{ID}:events``     stream  the job's events, in order
 ``actorq:job:{ID}:cancel``     string  set when cancellation is asked
 ``actorq:job:{ID}:lease``      string  token of the attempt that may publish (TTL'd)

@@ -58,11 +58,19 @@ local function finish(status, err, err_type, result, now, ttl, maxlen)
   end
   redis.call('HSET', KEYS[1], 'status', status, 'error', err, 'error_type', err_type,
              'result', result, 'finished_at', now, 'done_id', id)
-  redis.call('HDEL', KEYS[1], 'payload')
+  redis.call('HDEL', KEYS[1], 'payload', 'usage')
   redis.call('DEL', KEYS[3])
   for i = 1, 2 do redis.call('EXPIRE', KEYS[i], ttl) end
   if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ttl) end
   return id
+end
+-- The result of a job ended without running again: what its lost attempts used, as
+-- their last lease renewal saved it (finish reason 'error'), else ``default``.
+local function carried(default, reason)
+  local usage = redis.call('HGET', KEYS[1], 'usage')
+  if not usage then return default end
+  if reason == 'error' then return usage end
+  return (string.gsub(usage, '"finish_reason":"error"', '"finish_reason":"' .. reason .. '"', 1))
 end
 """
 
@@ -113,8 +121,9 @@ return {1, id}
 # ARGV: owner, lease_ms, now, max_attempts, worker, ttl, maxlen, cancelled_result, failed_result,
 # queue (recorded so a sweeper sends the job back to the queue it came from),
 # index_deadline (the lease's end, unix seconds), job_id
-# -> {'claimed', attempt, payload} | {'missing'} | {'terminal'} | {'busy'} | {'exhausted'}
-#    | {'cancelled'} | {'unstreamable'}
+# -> {'claimed', attempt, payload, usage} | {'missing'} | {'terminal'} | {'busy'}
+#    | {'exhausted'} | {'cancelled'} | {'unstreamable'}
+# usage: what the job's lost attempts used (ActorResult JSON, saved by RENEW), or false.
 # A claimed job enters the running index (KEYS[5]) in the same step, so there is no
 # moment a worker could die holding a lease the sweeper can't find; the payload
 # comes back with the claim, saving the attempt a round trip. A claim that ends the
@@ -139,7 +148,8 @@ end
 -- Our own lease: this is a re-run of a claim whose reply was lost (the client
 -- retried after a dropped connection). Answer as the first run did.
 if redis.call('GET', KEYS[3]) == ARGV[1] then
-  return {'claimed', tonumber(redis.call('HGET', KEYS[1], 'attempt')), redis.call('HGET', KEYS[1], 'payload')}
+  return {'claimed', tonumber(redis.call('HGET', KEYS[1], 'attempt')),
+          redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'usage')}
 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return {'busy', 0} end
 if redis.call('EXISTS', KEYS[4]) == 1 then
@@ -147,7 +157,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') > 0 then
     why = 'cancelled by request (its last attempt was lost before it could stop)'
   end
-  finish('cancelled', why, 'Cancelled', ARGV[8], ARGV[3], ARGV[6], ARGV[7])
+  finish('cancelled', why, 'Cancelled', carried(ARGV[8], 'cancelled'), ARGV[3], ARGV[6], ARGV[7])
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'cancelled', 0}
 end
@@ -156,7 +166,7 @@ end
 local kind = redis.call('TYPE', KEYS[2]).ok
 if kind ~= 'stream' and kind ~= 'none' then
   finish('failed', 'its events key ' .. KEYS[2] .. ' holds a ' .. kind .. ', not a stream',
-         'StreamWriteError', ARGV[9], ARGV[3], ARGV[6], ARGV[7])
+         'StreamWriteError', carried(ARGV[9], 'error'), ARGV[3], ARGV[6], ARGV[7])
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'unstreamable', 0}
 end
@@ -164,7 +174,7 @@ local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 if attempt > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempt', attempt - 1)
   finish('failed', 'gave up after ' .. (attempt - 1) .. ' attempts: the worker running it was lost each time',
-         'AttemptsExhausted', ARGV[9], ARGV[3], ARGV[6], ARGV[7])
+         'AttemptsExhausted', carried(ARGV[9], 'error'), ARGV[3], ARGV[6], ARGV[7])
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'exhausted', attempt - 1}
 end
@@ -182,7 +192,7 @@ redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[7], '*', 'type', 'start', 'attem
 redis.call('EXPIRE', KEYS[1], ARGV[6])
 redis.call('EXPIRE', KEYS[2], ARGV[6])
 redis.call('ZADD', KEYS[5], ARGV[11], ARGV[12])
-return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload')}
+return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload'), redis.call('HGET', KEYS[1], 'usage')}
 """
 )
 
@@ -248,7 +258,10 @@ return out
 """
 
 # KEYS: lease, cancel, job, running index, events. ARGV: owner, lease_ms, ttl,
-# index_deadline, job_id -> {held, cancel_requested}
+# index_deadline, job_id, usage -> {held, cancel_requested}
+# usage (ActorResult JSON, or '' for none yet) is what the attempt and the job's lost
+# attempts before it have used so far: a later attempt, or the claim that gives the
+# job up, counts it if this attempt is lost too.
 # The index entry is moved on only under the lease: a renewal that reaches Redis after
 # the job's FINISH (which drops the lease and the entry) must not put it back. The
 # stream's TTL moves with the record's: a run quiet for longer than the retention
@@ -260,6 +273,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('EXPIRE', KEYS[3], ARGV[3])
   redis.call('EXPIRE', KEYS[5], ARGV[3])
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
+  if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'usage', ARGV[6]) end
   held = 1
 end
 return {held, redis.call('EXISTS', KEYS[2])}
@@ -276,7 +290,9 @@ if TERMINAL[status] then return 'finished' end
 if redis.call('EXISTS', KEYS[4]) == 1 then return 'already_requested' end
 redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
 if status == 'queued' and redis.call('EXISTS', KEYS[3]) == 0 then
-  finish('cancelled', 'cancelled before it started', 'Cancelled', ARGV[4], ARGV[1], ARGV[2], ARGV[3])
+  -- Queued again after a lost attempt, or never started.
+  finish('cancelled', 'cancelled before it started', 'Cancelled', carried(ARGV[4], 'cancelled'),
+         ARGV[1], ARGV[2], ARGV[3])
   return 'cancelled'
 end
 return 'requested'

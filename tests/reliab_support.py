@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import redis
 
 from ops.stack import WorkerProcess
-from producer import Client, Event, JobRecord, JobStatus, final_text
+from producer import ActorResult, Client, Event, JobRecord, JobStatus, final_text, keys
 from producer.schema import TASK_NAME, task_message
 
 T = TypeVar("T")
@@ -120,3 +120,16 @@ def check_restarted_once(events: Sequence[Event], record: JobRecord | None, text
     assert "".join(after) == text  # not one token of the old attempt after the reset
     assert final_text(events) == text
     assert record.result is not None and record.result.text == text
+
+
+def saved_usage(client: Client, job_id: str, calls: int) -> ActorResult:
+    """Wait for a lease renewal to save the job's usage with ``calls`` model calls and a
+    token of the latest; return it."""
+
+    def saved() -> ActorResult | None:
+        raw = client.redis.hget(keys.job_key(job_id), "usage")
+        usage = ActorResult.model_validate_json(raw) if raw else None
+        ok = usage and usage.model_calls >= calls and usage.output_tokens > 0
+        return usage if ok else None
+
+    return wait_until(saved, 20, f"a renewal to save {calls} model calls of {job_id}")

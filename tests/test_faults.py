@@ -23,6 +23,7 @@ from tests.reliab_support import (
     log_count,
     read_events,
     retrying,
+    saved_usage,
     send_duplicate,
     summary,
     tokens_seen,
@@ -31,6 +32,8 @@ from tests.reliab_support import (
 )
 
 REPLY = " ".join(f"k{i}" for i in range(40))
+#: Priced, so a lost attempt's cost shows in the record: $1 a token each way.
+PRICING = {"scripted": {"input": 1_000_000, "output": 1_000_000}}
 FAST_RECOVERY = {"ACTORQ_LEASE_TTL_S": "3", "ACTORQ_SWEEP_INTERVAL_S": "0.5"}
 
 
@@ -44,16 +47,28 @@ def _start_all(start: WorkerFactory, names: list[str], env: dict[str, str]) -> l
 def _kill_mid_stream(
     client: Client, workers: list[WorkerProcess], label: str
 ) -> tuple[str, WorkerProcess]:
-    """SIGKILL the worker streaming a new job; wait for attempt 2; return the job and victim."""
-    job_id = client.enqueue_actor_job(scripted(REPLY, token_delay_ms=50), "go")
+    """SIGKILL the worker streaming a new job once a lease renewal saved its usage; wait
+    for attempt 2; return the job, the victim and the usage it saved."""
+    job_id = client.enqueue_actor_job(
+        scripted(REPLY, token_delay_ms=50, model="scripted"), "go", pricing=PRICING
+    )
     events = wait_until(lambda: tokens_seen(client, job_id, 5), 20, "the job to stream")
     victim = worker_of(events[0], workers)
+    saved = saved_usage(client, job_id, calls=1)
     victim.kill()
     killed_at = time.monotonic()
     recovered = _next_start(client, job_id, 2) - killed_at
     print(f"\n{label}: SIGKILL -> attempt 2 started on the survivor: {recovered:.2f} s")
     events = list(client.stream_events(job_id, timeout=30))
-    check_restarted_once(events, client.get_result(job_id), REPLY)
+    record = client.get_result(job_id)
+    check_restarted_once(events, record, REPLY)
+    # The record counts the lost attempt's call, tokens and cost with the second's.
+    assert record is not None and record.result is not None
+    result = record.result
+    assert result.model_calls == 2 and result.output_tokens >= 40 + saved.output_tokens
+    assert saved.cost_usd is not None and result.cost_usd is not None
+    assert result.cost_usd >= saved.cost_usd + 40
+    assert "heuristic" in result.nodes[0].usage_source  # the lost call's estimate
     return job_id, victim
 
 
@@ -106,13 +121,17 @@ def test_sigkill_mid_stream_then_attempts_run_out(
         assert client.wait_result(job_id, timeout=5).worker.endswith(f":{survivor.pid}")
 
         # 2. Kill the worker of every attempt: after ACTORQ_MAX_ATTEMPTS (2) it fails.
-        job_id = client.enqueue_actor_job(scripted(REPLY, token_delay_ms=50), "go")
+        job_id = client.enqueue_actor_job(
+            scripted(REPLY, token_delay_ms=50, model="scripted"), "go", pricing=PRICING
+        )
         events = wait_until(lambda: tokens_seen(client, job_id, 3), 20, "the job to stream")
         assert worker_of(events[0], workers) is survivor
+        saved_usage(client, job_id, calls=1)
         survivor.kill()
         third = start_worker(f"k3-{tag}", env=kill_env)
         _next_start(client, job_id, 2)
         wait_until(lambda: tokens_seen(client, job_id, 8), 20, "attempt 2 to stream")
+        saved = saved_usage(client, job_id, calls=2)
         third.kill()
         start_worker(f"k4-{tag}", env=kill_env)
         events = list(client.stream_events(job_id, timeout=45))
@@ -123,6 +142,10 @@ def test_sigkill_mid_stream_then_attempts_run_out(
         assert record.error is not None and "gave up after 2 attempts" in record.error
         types = [e.type for e in events]
         assert types.count("start") == 2 and types.count("reset") == 1
+        # Given up at a claim: the result is what both lost attempts used.
+        assert record.result is not None and record.result.model_calls == 2
+        assert record.result.output_tokens >= saved.output_tokens > 0
+        assert record.result.finish_reason == "error" and record.result.text == ""
     finally:
         client.close()
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from tests.reliab_support import (
     log_count,
     openai_llm,
     read_events,
+    saved_usage,
     send_duplicate,
     summary,
     tokens_seen,
@@ -489,6 +491,32 @@ def test_cancel_a_job_whose_worker_froze_ends_cancelled_once(pool: Pool) -> None
     assert read_events(c, job_id) == events
 
 
+def test_a_lost_attempts_calls_and_cost_count_against_the_jobs_limits(pool: Pool) -> None:
+    """The budget is the job's: an attempt lost after its model call leaves the next
+    attempt nothing under ``max_model_calls`` 1, so it ends at once, recording the lost
+    attempt's usage."""
+    c = pool.client
+    reply = " ".join(f"b{i}" for i in range(60))
+    job_id = c.enqueue_actor_job(
+        scripted(reply, token_delay_ms=50), "go", limits={"max_model_calls": 1}
+    )
+    events = wait_until(lambda: tokens_seen(c, job_id, 5), 20, "the job to stream")
+    frozen = worker_of(events[0], pool.workers)
+    saved = saved_usage(c, job_id, calls=1)
+    os.kill(frozen.pid, signal.SIGSTOP)
+    try:
+        record = wait_until(lambda: c.get_result(job_id), 20, "the next attempt to end the job")
+    finally:
+        os.kill(frozen.pid, signal.SIGCONT)
+    assert record.status is JobStatus.LIMIT_EXCEEDED and record.attempt == 2
+    assert record.error is not None and "1 model calls made (retries included)" in record.error
+    assert record.result is not None and record.result.model_calls == 1
+    assert record.result.output_tokens >= saved.output_tokens > 0
+    events = _events(pool, job_id)
+    check_one_ending(events, record)
+    assert [e.type for e in events].count("token") < 60  # the second attempt ran no call
+
+
 def test_concurrent_enqueues_with_one_idempotency_key_make_one_job(pool: Pool) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -634,9 +662,9 @@ def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, 
     ]  # fmt: skip
     payload = c.redis.hget(keys.job_key(job_id), "payload")
     try:
-        assert payload and c.redis.eval(*claim) == [b"claimed", 1, payload]
+        assert payload and c.redis.eval(*claim) == [b"claimed", 1, payload, None]
         # The same claim again (its reply was lost): the same answer.
-        assert c.redis.eval(*claim) == [b"claimed", 1, payload]
+        assert c.redis.eval(*claim) == [b"claimed", 1, payload, None]
         other = [*claim]
         other[7] = "owner-2"
         assert c.redis.eval(*other)[0] == b"busy"  # a real duplicate is still fenced
@@ -670,4 +698,78 @@ def test_claim_and_requeue_answer_a_rerun_as_the_first_run(stack_env: dict[str, 
     finally:
         c.cancel_job(job_id)
         c.redis.delete(queue)
+        c.close()
+
+
+@pytest.mark.parametrize(
+    "ending", ["next_attempt", "exhausted", "cancel_at_claim", "cancel_queued"]
+)
+def test_a_lost_attempts_usage_reaches_the_next_attempt_or_the_ending(
+    stack_env: dict[str, str], ending: str
+) -> None:
+    """What RENEW saved of a lost attempt's usage comes back with the next CLAIM, and is
+    the record's result when the job ends without running again; FINISH drops it."""
+    from producer import ActorResult, NodeUsage, keys, scripts
+
+    queue = f"actorq-usage-{uuid.uuid4().hex[:6]}"
+    c = Client(Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue}))
+    job_id = c.enqueue_actor_job(scripted("lost"), "go")  # nobody consumes this queue
+    node = NodeUsage(node="n", provider="openai", model="m", input_tokens=7, output_tokens=5,
+                     total_tokens=12, usage_source="tiktoken", model_calls=1, cost_usd="0.25")  # fmt: skip
+    used = ActorResult(nodes=[node], input_tokens=7, output_tokens=5, total_tokens=12,
+                       cost_usd="0.25", model_calls=1, duration_ms=900, finish_reason="error")  # fmt: skip
+    job_keys = scripts.running_job_keys(job_id)
+
+    def claim(owner: str, max_attempts: int = 3) -> Any:
+        return c.redis.eval(
+            scripts.CLAIM, 5, *job_keys, owner, 60_000, f"{time.time()}", max_attempts, "w", 60,
+            1000, ActorResult(finish_reason="cancelled").to_json(),
+            ActorResult(finish_reason="error").to_json(), queue, time.time() + 60, job_id,
+        )  # fmt: skip
+
+    def renew(owner: str, usage: str) -> Any:
+        return c.redis.eval(
+            scripts.RENEW, 5, keys.lease_key(job_id), keys.cancel_key(job_id),
+            keys.job_key(job_id), keys.RUNNING_INDEX, keys.events_key(job_id),
+            owner, 60_000, 60, time.time() + 60, job_id, usage,
+        )  # fmt: skip
+
+    def lose_attempt() -> None:  # its worker died: the lease lapses, the sweeper requeues
+        c.redis.delete(keys.lease_key(job_id))
+        assert c.redis.eval(scripts.REQUEUE, 5, *job_keys, f"{time.time():.6f}", 60, job_id)[0] == 1
+
+    try:
+        assert claim("owner-1")[:2] == [b"claimed", 1]
+        assert renew("owner-1", "") == [1, 0]  # nothing used yet: nothing saved
+        assert c.redis.hget(keys.job_key(job_id), "usage") is None
+        assert renew("owner-1", used.to_json()) == [1, 0]
+        assert renew("intruder", ActorResult(model_calls=9).to_json()) == [0, 0]  # fenced
+        lose_attempt()
+        if ending == "next_attempt":
+            reply = claim("owner-2")
+            assert reply[:2] == [b"claimed", 2]
+            assert ActorResult.model_validate_json(reply[3]) == used
+            finish = [scripts.FINISH, 5, *job_keys, "owner-2", "succeeded", "", "", "{}",
+                      f"{time.time()}", 60, 1000, job_id]  # fmt: skip
+            assert c.redis.eval(*finish)[0] == 1
+            assert c.redis.hget(keys.job_key(job_id), "usage") is None
+            return
+        if ending == "exhausted":
+            assert claim("owner-2", max_attempts=1)[0] == b"exhausted"
+            status, reason = JobStatus.FAILED, "error"
+        elif ending == "cancel_at_claim":
+            c.redis.set(keys.cancel_key(job_id), "1", ex=60)
+            assert claim("owner-2")[0] == b"cancelled"
+            status, reason = JobStatus.CANCELLED, "cancelled"
+        else:
+            assert c.cancel_job(job_id) is CancelOutcome.CANCELLED
+            status, reason = JobStatus.CANCELLED, "cancelled"
+        record = c.get_result(job_id)
+        assert record is not None and record.status is status and record.result is not None
+        assert record.result == used.model_copy(update={"finish_reason": reason})
+        assert c.redis.hget(keys.job_key(job_id), "usage") is None
+    finally:
+        c.redis.delete(*scripts.job_keys(job_id), queue)
+        c.redis.zrem(keys.JOBS_INDEX, job_id)
+        c.redis.zrem(keys.RUNNING_INDEX, job_id)
         c.close()

@@ -174,3 +174,34 @@ def test_fetch_refuses_a_file_that_does_not_match_and_writes_nothing(
     with pytest.raises(EncodingFetchError, match="unknown encoding 'p50k'"):
         fetch_encodings(["p50k"], base_url=file_server, cache_dir=str(cache))
     assert os.listdir(cache) == []
+
+
+def test_a_snapshot_counts_the_call_in_flight_without_ending_it() -> None:
+    """What a worker saves with each lease renewal: the call in flight counted as if it
+    stopped now (prompt and text so far), while the run goes on and ends as usual."""
+    from decimal import Decimal
+
+    from producer.config import Limits, ModelPrice
+    from worker.runtime.run import Run
+
+    price = ModelPrice(input=Decimal(1_000_000), output=Decimal(1_000_000))  # $1 a token
+    r = Run(Limits(), {"m": price})
+    r.begin_model_call("n", "openai", "m", "x" * 40)  # 10 tokens by the heuristic
+    for piece in ("abcd", "efgh", "ij"):
+        r.on_token(piece)
+    first = r.snapshot()
+    assert (first.model_calls, first.input_tokens, first.output_tokens) == (1, 10, 3)
+    assert first.cost_usd == Decimal(13) and first.text == "" and first.finish_reason == "error"
+    assert first.nodes[0].usage_source == "heuristic"
+    r.on_token("klmn")
+    assert r.snapshot().output_tokens == 4  # later snapshots see the text since
+    r.end_model_call({"input_tokens": 11, "output_tokens": 5}, "abcdefghijklmn")
+    done = r.result()
+    # The snapshots left the call alone: it is counted once, from the provider's usage.
+    assert (done.input_tokens, done.output_tokens, done.cost_usd) == (11, 5, Decimal(16))
+    assert done.nodes[0].usage_source == "provider" and done.text == "abcdefghijklmn"
+    assert r.snapshot().model_dump(exclude={"duration_ms", "time_to_first_token_ms"}) == (
+        done.model_copy(update={"text": "", "finish_reason": "error"}).model_dump(
+            exclude={"duration_ms", "time_to_first_token_ms"}
+        )
+    )

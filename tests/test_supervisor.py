@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -139,11 +139,13 @@ def test_a_renewal_round_of_many_jobs_goes_out_in_batches(stack_env: dict[str, s
     tag = uuid.uuid4().hex[:8]
     ids = [f"batch-renew-{tag}-{i}" for i in range(_RENEW_BATCH * 2 + 17)]
 
-    async def main() -> tuple[list[tuple[int, int]], list[int], list[float | None]]:
+    async def main() -> tuple[Any, ...]:
         r = aioredis.Redis.from_url(settings.redis_url)
         supervisor = Supervisor(r, settings, lambda *_: None)
         task = asyncio.ensure_future(asyncio.sleep(30))
-        jobs = [ActiveJob(job_id, "owner", task) for job_id in ids]
+        jobs = [
+            ActiveJob(job_id, "owner", task, usage=_usage_of(i)) for i, job_id in enumerate(ids)
+        ]
         try:
             for i, job_id in enumerate(ids):
                 if i % 2 == 0:  # odd ones lost their lease
@@ -153,7 +155,8 @@ def test_a_renewal_round_of_many_jobs_goes_out_in_batches(stack_env: dict[str, s
             results = await supervisor._renew(jobs)
             ttls = [await r.pttl(keys.lease_key(job_id)) for job_id in ids]
             scores = [await r.zscore(keys.RUNNING_INDEX, job_id) for job_id in ids]
-            return results, ttls, scores
+            saved = [await r.hget(keys.job_key(job_id), "usage") for job_id in ids]
+            return results, ttls, scores, saved
         finally:
             task.cancel()
             await r.zrem(keys.RUNNING_INDEX, *ids)
@@ -162,13 +165,30 @@ def test_a_renewal_round_of_many_jobs_goes_out_in_batches(stack_env: dict[str, s
             await r.delete(keys.cancel_key(ids[4]))
             await r.aclose()
 
-    results, ttls, scores = asyncio.run(main())
+    results, ttls, scores, saved = asyncio.run(main())
     assert results == [(int(i % 2 == 0), int(i == 4)) for i in range(len(ids))]
+    # Each held lease saved its job's usage, when it had some; a snapshot that failed
+    # saved nothing and renewed the lease all the same.
+    assert saved == [
+        f"used {i}".encode() if i % 2 == 0 and i % 3 == 0 and i != 6 else None
+        for i in range(len(ids))
+    ]
     lease_ms = settings.lease_ttl_s * 1000
     assert all(0 < ttl <= lease_ms for ttl in ttls[::2])  # 600 s cut to the lease
     assert all(ttl == -2 for ttl in ttls[1::2])  # not re-created
     assert all(s is not None and s < _FAR for s in scores[::2])
     assert all(s is None for s in scores[1::2])
+
+
+def _usage_of(i: int) -> Callable[[], str]:
+    """Job ``i``'s usage snapshot: some have one, most nothing yet, job 6's fails."""
+
+    def usage() -> str:
+        if i == 6:
+            raise RuntimeError("snapshot failed")
+        return f"used {i}" if i % 3 == 0 else ""
+
+    return usage
 
 
 def test_one_failed_renewal_fails_the_round_not_the_others(stack_env: dict[str, str]) -> None:

@@ -63,6 +63,28 @@ _CLAIM_ENDINGS = {
 }
 
 
+#: A usage snapshot is a result with no text and finish reason ``error``: CLAIM and
+#: CANCEL record it as it is, or as ``cancelled``, for a job that ends without running again.
+_SNAPSHOT = {"text": "", "finish_reason": "error", "error": None, "time_to_first_token_ms": None}
+
+
+def _limit_ending(exc: LimitExceeded) -> tuple[JobStatus, str, str]:
+    """A job's status, error and error type when ``exc`` stopped it."""
+    status = JobStatus.TIMED_OUT if exc.timed_out else JobStatus.LIMIT_EXCEEDED
+    return status, str(exc), type(exc).__name__
+
+
+def _carried_usage(job_id: str, raw: bytes | None) -> ActorResult | None:
+    """What the job's lost attempts used, as CLAIM returned it; None if nothing (or unreadable)."""
+    if not raw:
+        return None
+    try:
+        return ActorResult.model_validate_json(raw)
+    except ValueError as exc:  # not ours to fail the job over: the usage is a record, not input
+        log.warning("job %s: lost attempts' usage unreadable, not counted (%s)", job_id, exc)
+        return None
+
+
 class JobRunner:
     """Per-process state shared by all jobs: Redis pool, publisher, supervisor."""
 
@@ -118,6 +140,7 @@ class JobRunner:
             return Outcome(verdict)
         attempt = int(claim[1])
         logctx.bind(job_id=job_id, attempt=attempt)
+        carried = _carried_usage(job_id, claim[3] if len(claim) > 3 else None)
         task = asyncio.current_task()
         assert task is not None
         active = ActiveJob(job_id, owner, task)
@@ -131,7 +154,9 @@ class JobRunner:
                 if decode_error is not None:
                     raise MessageDecodeError(decode_error)
                 executor, message, secrets = self._load(claim[2])
-                status, error, error_type = await self._execute(executor, message, channel, attempt)
+                status, error, error_type = await self._execute(
+                    executor, message, channel, attempt, active, carried
+                )
             except asyncio.CancelledError:
                 if not (active.cancel_requested or active.lease_lost):
                     raise  # the worker itself is going down: leave the job to the sweeper
@@ -143,13 +168,11 @@ class JobRunner:
             except (ActorqError, ValueError) as exc:
                 status, error, error_type = JobStatus.FAILED, str(exc), type(exc).__name__
             active.ending = True
-            result = (
-                executor.last_result
-                if executor and executor.last_result
-                else ActorResult(
-                    finish_reason="error" if status == JobStatus.FAILED else status.value
-                )
-            )
+            if executor and executor.last_result:
+                result = executor.last_result
+            else:  # nothing ran: what lost attempts used, if any, is the whole usage
+                reason = "error" if status == JobStatus.FAILED else status.value
+                result = (carried or ActorResult()).model_copy(update={"finish_reason": reason})
             # Every entry of this attempt goes out before its ending, so the stream
             # and the record's partial text agree (and nothing follows ``done``).
             try:
@@ -260,22 +283,53 @@ class JobRunner:
         return executor, job.message, job.secrets
 
     async def _execute(
-        self, executor: Executor, message: str, channel: JobChannel, attempt: int
+        self,
+        executor: Executor,
+        message: str,
+        channel: JobChannel,
+        attempt: int,
+        active: ActiveJob,
+        carried: ActorResult | None,
     ) -> tuple[JobStatus, str | None, str | None]:
         """Run the actor, retrying retryable provider errors with backoff and jitter.
 
         A retry whose failed try already published entries first publishes a
-        ``reset`` (reason ``retry``), so readers drop that try's text.
+        ``reset`` (reason ``retry``), so readers drop that try's text. ``carried``
+        (what the job's lost attempts used) is spent like a failed try's: the
+        limits are what it left, and the record counts it.
         """
         tries = 0
         base, started = executor.limits, time.monotonic()
-        spent: list[ActorResult] = []  # results of the tries that failed: their budget is gone
+        before_ms = carried.duration_ms if carried else 0.0  # the lost attempts' run time
+        # Results of the tries that failed, and of the lost attempts: their budget is gone.
+        spent: list[ActorResult] = [carried] if carried else []
         publisher = self.publisher
         on_token = functools.partial(publisher.publish_token, channel)
+
+        def elapsed_ms() -> float:
+            return before_ms + (time.monotonic() - started) * 1000
+
+        def usage() -> str:
+            """What this attempt and the lost ones used so far, for the lease renewal."""
+            current = executor.usage_so_far()
+            if current is not None and spent and spent[-1] is executor.last_result:
+                current = None  # a failed try, waiting for its retry: counted in ``spent``
+            used = [r for r in (*spent, current) if r is not None and r.nodes]
+            if not used:
+                return ""
+            total = combine_tries(used[:-1], used[-1], elapsed_ms())
+            return total.model_copy(update=_SNAPSHOT).to_json()
+
+        active.usage = usage
 
         def on_event(event: RunEvent) -> bool:
             return publisher.publish(channel, _event_fields(event))
 
+        if carried:
+            try:
+                executor.limits = remaining_limits(base, spent, before_ms)
+            except LimitExceeded as spent_out:
+                return _limit_ending(spent_out)
         try:
             while True:
                 queued = channel.queued
@@ -283,8 +337,7 @@ class JobRunner:
                     await executor.stream_to(message, on_token, on_event)
                     return JobStatus.SUCCEEDED, None, None
                 except LimitExceeded as exc:
-                    status = JobStatus.TIMED_OUT if exc.timed_out else JobStatus.LIMIT_EXCEEDED
-                    return status, str(exc), type(exc).__name__
+                    return _limit_ending(exc)
                 except ProviderError as exc:
                     if not exc.retryable or tries >= self.provider_retries:
                         if exc.retryable:
@@ -308,13 +361,9 @@ class JobRunner:
                     if executor.last_result is not None:
                         spent.append(executor.last_result)
                     try:
-                        executor.limits = remaining_limits(
-                            base, spent, (time.monotonic() - started) * 1000
-                        )
+                        executor.limits = remaining_limits(base, spent, elapsed_ms())
                     except LimitExceeded as spent_out:
-                        timed_out = spent_out.timed_out
-                        status = JobStatus.TIMED_OUT if timed_out else JobStatus.LIMIT_EXCEEDED
-                        return status, str(spent_out), type(spent_out).__name__
+                        return _limit_ending(spent_out)
                     if channel.queued > queued:  # the failed try published: readers drop it
                         self.publisher.publish(
                             channel,
@@ -336,9 +385,7 @@ class JobRunner:
             last = executor.last_result
             prior = spent[:-1] if spent and last is spent[-1] else spent
             if prior and last is not None:
-                executor.last_result = combine_tries(
-                    prior, last, (time.monotonic() - started) * 1000
-                )
+                executor.last_result = combine_tries(prior, last, elapsed_ms())
 
     async def _finish(
         self,

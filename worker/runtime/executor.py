@@ -86,6 +86,7 @@ class Executor:
         self._credentials = credentials
         self._secrets = secret_values(credentials)
         self.last_result: ActorResult | None = None
+        self._run: Run | None = None  # the latest execution's state
         self._graph: Any = None
 
     @property
@@ -113,6 +114,10 @@ class Executor:
     def scrub(self, text: str) -> str:
         return scrub(text, self._secrets)
 
+    def usage_so_far(self) -> ActorResult | None:
+        """The latest execution's usage up to now (:meth:`Run.snapshot`), even while it runs."""
+        return None if self._run is None else self._run.snapshot()
+
     # -- public API ---------------------------------------------------------------
 
     async def execute(self, message: str) -> ActorResult:
@@ -138,7 +143,7 @@ class Executor:
         _check_message(message)
         from . import actors
 
-        run = Run(self.limits, self.pricing)
+        run = self._run = Run(self.limits, self.pricing)
         self.last_result = None
         inner: Any = actors.drive(self, run, message)
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
@@ -180,7 +185,7 @@ class Executor:
                     elif on_event(event):
                         return
             return
-        run = Run(self.limits, self.pricing)
+        run = self._run = Run(self.limits, self.pricing)
         self.last_result = None
         guard = Guard(self.limits.timeout_ms, self.limits.stall_timeout_ms)
         with self._settle(run):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
@@ -73,12 +74,14 @@ class Run:
         self.model_calls = 0
         self.tool_calls = 0
         self.finish_reason = "stop"
-        # The call in flight: its node, prompt, text so far and estimated input
-        # tokens, so max_cost_usd can stop it mid-stream and a stopped call is counted.
+        # The call in flight: its node, prompt and text so far, so max_cost_usd can
+        # stop it mid-stream and a stopped call is counted; and the prompt's
+        # ``count_tokens`` once counted (budget check, snapshots, a stopped call), as
+        # a snapshot per lease renewal must not count a long prompt each time.
         self._inflight_node: _NodeAcc | None = None
         self._inflight_prompt = ""
         self._inflight_parts: list[str] = []
-        self._inflight_input = 0
+        self._inflight_counted: tuple[int, str] | None = None
 
     # -- counters ----------------------------------------------------------------
 
@@ -97,11 +100,11 @@ class Run:
         limit = self.limits.max_model_calls
         if limit is not None and self.model_calls >= limit:
             raise LimitExceeded("max_model_calls", f"{limit} model calls already made")
-        n_in = 0
+        counted = None
         if self.limits.max_cost_usd is not None and model in self.pricing:
             # Checked before the call counts: a call the budget stops is never sent.
-            n_in = count_tokens(prompt_text, model)[0]
-            self._check_cost(cost_usd(self.pricing.get(model), n_in, 0))
+            counted = count_tokens(prompt_text, model)
+            self._check_cost(cost_usd(self.pricing.get(model), counted[0], 0))
         self.model_calls += 1
         acc = self.nodes.get(node)
         if acc is None:
@@ -110,7 +113,7 @@ class Run:
         self._inflight_node = acc
         self._inflight_prompt = prompt_text
         self._inflight_parts = []
-        self._inflight_input = n_in
+        self._inflight_counted = counted
         # A node's own ending decides the run's, not an earlier node's.
         self.finish_reason = "stop"
 
@@ -128,24 +131,42 @@ class Run:
         if acc is None:
             return
         self._inflight_node = None
-        chunks = len(self._inflight_parts)
         self.final_text = output_text
+        self._account(acc, usage, output_text)
+        if check and self.limits.max_cost_usd is not None:
+            self._check_cost()
+
+    def _account(self, acc: _NodeAcc, usage: Mapping[str, Any] | None, output_text: str) -> None:
+        """Add the call in flight's tokens and cost to ``acc``."""
         if usage and usage.get("input_tokens") is not None:
             n_in, n_out = int(usage["input_tokens"]), int(usage.get("output_tokens") or 0)
             acc.sources.add("provider")
         else:
-            n_in, source = count_tokens(self._inflight_prompt, acc.model)
+            n_in, source = self._prompt_tokens(acc)
             n_out, _ = count_tokens(output_text, acc.model)
             acc.sources.add(source)
             if source == "heuristic":
-                n_out = max(n_out, chunks)
+                n_out = max(n_out, len(self._inflight_parts))
                 warn_heuristic(acc.model)
+        self._add(acc, n_in, n_out)
+
+    def _prompt_tokens(self, acc: _NodeAcc) -> tuple[int, str]:
+        """``count_tokens`` of the call in flight's prompt, counted once per call."""
+        if self._inflight_counted is None:
+            self._inflight_counted = count_tokens(self._inflight_prompt, acc.model)
+        return self._inflight_counted
+
+    def _output_estimate(self) -> int:
+        """The call in flight's output tokens so far, estimated: at least one per chunk.
+        Counting the text itself would cost a tokenizer pass over all of it each time."""
+        parts = self._inflight_parts
+        return max(len(parts), math.ceil(sum(map(len, parts)) / 4))
+
+    def _add(self, acc: _NodeAcc, n_in: int, n_out: int) -> None:
         acc.input_tokens += n_in
         acc.output_tokens += n_out
         call_cost = cost_usd(self.pricing.get(acc.model), n_in, n_out)
         acc.cost = None if call_cost is None or acc.cost is None else acc.cost + call_cost
-        if check and self.limits.max_cost_usd is not None:
-            self._check_cost()
 
     def _check_cost(self, next_call: Decimal | None = None) -> None:
         """Raise once the cost so far, with ``next_call``'s (a call about to be sent), or
@@ -157,22 +178,16 @@ class Run:
         if next_call is not None:
             total += next_call
         elif acc is not None:
-            # Estimate the call in flight: its prompt, and at least one token per chunk so far.
-            out = max(len(self._inflight_parts), math.ceil(sum(map(len, self._inflight_parts)) / 4))
-            total += cost_usd(self.pricing.get(acc.model), self._inflight_input, out) or Decimal(0)
+            # Estimate the call in flight: its prompt, and its text so far.
+            n_in = self._inflight_counted[0] if self._inflight_counted else 0
+            out = self._output_estimate()
+            total += cost_usd(self.pricing.get(acc.model), n_in, out) or Decimal(0)
         if total > limit:
             raise LimitExceeded("max_cost_usd", f"running cost {total:.6f} > {limit}")
 
     def cost(self) -> Decimal | None:
         """Total cost; ``None`` if any node's model has no price (unknown is not free)."""
-        total = Decimal(0)
-        if not self.nodes:
-            return None
-        for acc in self.nodes.values():
-            if acc.cost is None:
-                return None
-            total += acc.cost
-        return total
+        return _total_cost(self.nodes.values())
 
     # -- result ------------------------------------------------------------------
 
@@ -180,19 +195,47 @@ class Run:
         if self._inflight_node is not None:
             # Stopped mid-call: count what was sent and produced so far.
             self.end_model_call(None, "".join(self._inflight_parts), check=False)
-        nodes = [a.usage() for a in self.nodes.values()]
+        return self._result(
+            self.nodes.values(), self.final_text, finish_reason or self.finish_reason, error
+        )
+
+    def snapshot(self) -> ActorResult:
+        """What the run has used so far, the call in flight counted as if it stopped
+        now (its prompt, and its text so far estimated), without ending it: a worker
+        saves this with each lease renewal, so an attempt lost mid-run (its worker
+        killed) still counts. No text: a lost attempt's output is void."""
+        nodes = dict(self.nodes)
+        acc = self._inflight_node
+        if acc is not None:
+            acc = nodes[acc.node] = dataclasses.replace(acc, sources=set(acc.sources))
+            n_in, source = self._prompt_tokens(acc)
+            acc.sources.update((source, "heuristic"))
+            self._add(acc, n_in, self._output_estimate())
+        return self._result(nodes.values(), "", "error", None)
+
+    def _result(
+        self, accs: Iterable[_NodeAcc], text: str, finish_reason: str, error: str | None
+    ) -> ActorResult:
+        accs = list(accs)
+        nodes = [a.usage() for a in accs]
         now = time.monotonic()
         return ActorResult(
-            text=self.final_text,
+            text=text,
             nodes=nodes,
             **token_totals(nodes),
-            cost_usd=self.cost(),
+            cost_usd=_total_cost(accs),
             model_calls=self.model_calls,
             tool_calls=self.tool_calls,
             time_to_first_token_ms=(
                 None if self.first_token_at is None else (self.first_token_at - self.started) * 1000
             ),
             duration_ms=(now - self.started) * 1000,
-            finish_reason=finish_reason or self.finish_reason,
+            finish_reason=finish_reason,
             error=error,
         )
+
+
+def _total_cost(accs: Iterable[_NodeAcc]) -> Decimal | None:
+    costs = [a.cost for a in accs]
+    known = [c for c in costs if c is not None]
+    return sum(known, Decimal(0)) if costs and len(known) == len(costs) else None
