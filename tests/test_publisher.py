@@ -17,7 +17,7 @@ import redis.asyncio.connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
-from producer import Client, JobStatus, Settings, keys
+from producer import Client, JobStatus, Settings, keys, scripts
 from tests.conftest import RedisTarget
 from tests.helpers import scripted
 from worker.jobs import JobRunner
@@ -181,8 +181,9 @@ def test_a_pipeline_redis_never_answers_is_cut_and_sent_again_once(
 def test_a_batch_redis_ran_but_whose_reply_was_lost_is_not_written_twice(
     redis_target: RedisTarget, stack_env: dict[str, str], leased_job: tuple[str, Any]
 ) -> None:
-    """The pipeline is sent again on a new connection; its PUBLISH then checks the
-    stored sequence number, which the first try moved: no token doubles."""
+    """The pipeline is sent again on a new connection; its PUBLISH then counts what
+    the first try wrote (the stream's entries past the attempt's start): no token
+    doubles."""
     job, r = leased_job
 
     async def main() -> None:
@@ -201,7 +202,7 @@ def test_a_batch_redis_ran_but_whose_reply_was_lost_is_not_written_twice(
     asyncio.run(main())
     entries = r.xrange(keys.events_key(job))
     assert [f[b"text"] for _, f in entries] == [b"A", b"B", b"C", b"D"]
-    assert r.hget(keys.job_key(job), "seq") == b"4"
+    assert not r.exists(keys.job_key(job))  # nothing stored per call
 
 
 def test_a_pipeline_of_many_jobs_fences_and_writes_each_job_on_its_own(
@@ -682,8 +683,8 @@ def test_a_job_failing_mid_batch_keeps_the_entries_it_wrote_counted(
     redis_target: RedisTarget, stack_env: dict[str, str], leased_job: tuple[str, Any]
 ) -> None:
     """An entry Redis refuses after others of the same batch went in (here one with an
-    odd number of fields): those stay counted in the job's ``seq``, so a resend of the
-    pipeline (another job's OOM, say) would skip them instead of writing them twice."""
+    odd number of fields): those stay counted, so a resend of the pipeline (another
+    job's OOM, say) skips them instead of writing them twice."""
     job, r = leased_job
     settings = Settings.from_env(stack_env)
 
@@ -702,4 +703,51 @@ def test_a_job_failing_mid_batch_keeps_the_entries_it_wrote_counted(
     ch = asyncio.run(main())
     assert ch.failed is not None and "wrong number of arguments" in ch.failed
     assert [f[b"text"] for _, f in r.xrange(keys.events_key(job))] == [b"A"]
-    assert r.hget(keys.job_key(job), "seq") == b"1"
+    # The same batch sent again (fixed), as a resend would: A is not written twice.
+    batch = json.dumps([["type", "token", "text", "A"], ["type", "token", "text", "B"]])
+    job_keys = [keys.events_key(job), keys.lease_key(job), keys.job_key(job)]
+    sent = r.eval(scripts.PUBLISH, 3, *job_keys, 1064, 1000, 60, "owner", 1, "1", batch)
+    assert sent == [1]
+    assert [f[b"text"] for _, f in r.xrange(keys.events_key(job))] == [b"A", b"B"]
+
+
+def test_a_batch_sent_again_counts_what_the_attempt_wrote_past_its_claims_entries(
+    stack_env: dict[str, str],
+) -> None:
+    """A restarted job's stream starts with the earlier attempt's entries and CLAIM's
+    ``reset`` and ``start``: a resend skips exactly the entries this attempt wrote."""
+    queue = f"actorq-resend-{uuid.uuid4().hex[:6]}"
+    c = Client(Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue}))
+    job_id = c.enqueue_actor_job(scripted("resend"), "go")  # nobody consumes this queue
+    r = c.redis
+    job_keys = [keys.events_key(job_id), keys.lease_key(job_id), keys.job_key(job_id)]
+
+    def claim(owner: str) -> Any:
+        return r.eval(
+            scripts.CLAIM, 5, *scripts.running_job_keys(job_id), owner, 60_000,
+            f"{time.time()}", 3, "w", 60, 1000, "{}", "{}", queue, time.time() + 60, job_id,
+        )  # fmt: skip
+
+    def publish(owner: str, first: int, verify: str, *texts: str) -> Any:
+        batch = json.dumps([["type", "token", "text", t] for t in texts])
+        return r.eval(scripts.PUBLISH, 3, *job_keys, 1064, 1000, 60, owner, first, verify, batch)
+
+    try:
+        assert claim("owner-1")[:2] == [b"claimed", 1]
+        assert publish("owner-1", 1, "0", "old1", "old2") == [2]
+        r.delete(keys.lease_key(job_id))  # the attempt was lost
+        r.hset(keys.job_key(job_id), "status", "queued")
+        assert claim("owner-2")[:2] == [b"claimed", 2]
+        assert publish("owner-2", 1, "0", "a", "b") == [2]
+        assert publish("owner-2", 1, "1", "a", "b", "c") == [1]  # a and b ran before
+        assert publish("owner-2", 3, "1", "c", "d") == [1]
+        texts = [f[b"type"] + b":" + f.get(b"text", b"") for _, f in r.xrange(job_keys[0])]
+        assert texts == [
+            b"start:", b"token:old1", b"token:old2", b"reset:", b"start:",
+            b"token:a", b"token:b", b"token:c", b"token:d",
+        ]  # fmt: skip
+    finally:
+        r.delete(*scripts.job_keys(job_id), queue)
+        r.zrem(keys.JOBS_INDEX, job_id)
+        r.zrem(keys.RUNNING_INDEX, job_id)
+        c.close()
