@@ -202,11 +202,20 @@ async def _run_jobs(
         tails.append(asyncio.ensure_future(tail_job(client, trace, timeout)))
     if await proc.wait() != 0:
         raise RuntimeError(f"the enqueuing process failed with {proc.returncode}")
-    pending = set(tails)
-    while pending:
-        _, pending = await asyncio.wait(pending, timeout=0.25)
+
+    async def sample_every(period_s: float) -> None:
+        while True:
+            on_sample()
+            await asyncio.sleep(period_s)
+
+    # Sampled on a timer of its own: asyncio.wait over 1,000 tails every 0.25 s
+    # added and removed 1,000 callbacks each time, ~6% of the router's CPU.
+    sampler = asyncio.ensure_future(sample_every(0.25))
+    try:
+        return list(await asyncio.gather(*tails))
+    finally:
+        sampler.cancel()
         on_sample()
-    return [t.result() for t in tails]
 
 
 def _redis_cpu(r: Any) -> float:
