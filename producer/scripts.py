@@ -210,7 +210,8 @@ return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload'), redis.call('
 # entries past ``base``, its length when CLAIM started the attempt, as nothing else
 # writes to the stream while an attempt holds the lease (nothing is stored per call,
 # which cost Redis a quarter of the script's time); otherwise the client knows it
-# is first_seq - 1.
+# is first_seq - 1. A stream found gone starts anew at the batch (``base`` moves);
+# one trimmed by another client would make a resend skip entries: don't.
 # The cap is checked per entry: the stream never holds more than max_events
 # entries written here, so MAXLEN (set above the cap) never trims a live stream.
 # CLAIM made the stream and RENEW moves its TTL; a stream made here (it had expired
@@ -228,7 +229,13 @@ local function publish(events, lease, job, a)
   local made = len == 0
   local seq = tonumber(ARGV[a + 1]) - 1
   local last = seq
-  if ARGV[a + 2] == '1' then last = len - tonumber(redis.call('HGET', job, 'base') or '0') end
+  if made then
+    -- The stream is gone (deleted or expired under the attempt): it starts anew with
+    -- this batch, and a resend counts from here. The record keeps its TTL.
+    if redis.call('EXISTS', job) == 1 then redis.call('HSET', job, 'base', -seq) end
+  elseif ARGV[a + 2] == '1' then
+    last = len - tonumber(redis.call('HGET', job, 'base') or '0')
+  end
   local added = 0
   for _, fields in ipairs(cjson.decode(ARGV[a + 3])) do
     seq = seq + 1
@@ -267,10 +274,11 @@ RENEW = """
 local held = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  redis.call('EXPIRE', KEYS[3], ARGV[3])
+  local record = redis.call('EXPIRE', KEYS[3], ARGV[3])
   redis.call('EXPIRE', KEYS[5], ARGV[3])
   redis.call('ZADD', KEYS[4], ARGV[4], ARGV[5])
-  if ARGV[6] ~= '' then redis.call('HSET', KEYS[3], 'usage', ARGV[6]) end
+  -- Into the record only: a record gone under a live lease is not made anew (without a TTL).
+  if ARGV[6] ~= '' and record == 1 then redis.call('HSET', KEYS[3], 'usage', ARGV[6]) end
   held = 1
 end
 return {held, redis.call('EXISTS', KEYS[2])}

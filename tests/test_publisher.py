@@ -746,6 +746,12 @@ def test_a_batch_sent_again_counts_what_the_attempt_wrote_past_its_claims_entrie
             b"start:", b"token:old1", b"token:old2", b"reset:", b"start:",
             b"token:a", b"token:b", b"token:c", b"token:d",
         ]  # fmt: skip
+        # The stream vanishes under the attempt: it starts anew, and a resend counts from there.
+        r.delete(job_keys[0])
+        assert publish("owner-2", 5, "0", "e", "f") == [2]
+        assert publish("owner-2", 5, "1", "e", "f", "g") == [1]
+        assert [f[b"text"] for _, f in r.xrange(job_keys[0])] == [b"e", b"f", b"g"]
+        assert r.ttl(job_keys[0]) > 0
     finally:
         r.delete(*scripts.job_keys(job_id), queue)
         r.zrem(keys.JOBS_INDEX, job_id)

@@ -7,6 +7,7 @@ found within seconds.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -511,6 +512,8 @@ def test_a_lost_attempts_calls_and_cost_count_against_the_jobs_limits(pool: Pool
     assert record.status is JobStatus.LIMIT_EXCEEDED and record.attempt == 2
     assert record.error is not None and "1 model calls made (retries included)" in record.error
     assert record.result is not None and record.result.model_calls == 1
+    # Named as an execution stopped by a limit names it.
+    assert record.result.finish_reason == "limit" and record.result.error == record.error
     assert record.result.output_tokens >= saved.output_tokens > 0
     events = _events(pool, job_id)
     check_one_ending(events, record)
@@ -772,4 +775,49 @@ def test_a_lost_attempts_usage_reaches_the_next_attempt_or_the_ending(
         c.redis.delete(*scripts.job_keys(job_id), queue)
         c.redis.zrem(keys.JOBS_INDEX, job_id)
         c.redis.zrem(keys.RUNNING_INDEX, job_id)
+        c.close()
+
+
+def test_a_renewal_after_the_tries_ran_out_saves_what_the_record_will_hold(
+    stack_env: dict[str, str], openai_server: FakeOpenAI
+) -> None:
+    """Retries that end in a limit: while the ending is written (a renewal can land
+    then), the usage saved is the record's, each try counted once."""
+    from producer import ActorResult, keys, scripts
+    from worker.jobs import JobRunner
+    from worker.supervisor import ActiveJob
+
+    queue = f"actorq-ended-{uuid.uuid4().hex[:6]}"
+    settings = Settings.from_env({**stack_env, "ACTORQ_QUEUE": queue})
+    c = Client(settings)
+    model = openai_server.script(f"r500x3-{uuid.uuid4().hex[:6]}", *[Reply(status=500)] * 3)
+    job_id = c.enqueue_actor_job(
+        openai_llm(openai_server.base_url, model), "go", limits={"max_model_calls": 2}
+    )
+    active: list[ActiveJob] = []
+
+    async def main() -> str:
+        runner = JobRunner(settings, lambda *a: None)
+        watch = runner.supervisor.add
+
+        def add(job: ActiveJob) -> None:  # the attempt's job, kept to ask for its usage
+            active.append(job)
+            watch(job)
+
+        runner.supervisor.add = add  # type: ignore[method-assign]
+        try:
+            return str(await asyncio.wait_for(runner.run(job_id), 60))
+        finally:
+            await runner.redis.aclose()
+
+    try:
+        assert asyncio.run(main()) == "limit_exceeded"
+        record = c.get_result(job_id)
+        assert record is not None and record.result is not None
+        assert record.result.model_calls == 2 and len(openai_server.calls(model)) == 2
+        saved = ActorResult.model_validate_json(active[0].usage())
+        assert saved.model_calls == 2 and saved.input_tokens == record.result.input_tokens
+    finally:
+        c.redis.delete(*scripts.job_keys(job_id), queue)
+        c.redis.zrem(keys.JOBS_INDEX, job_id)
         c.close()

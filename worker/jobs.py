@@ -63,6 +63,14 @@ _CLAIM_ENDINGS = {
 }
 
 
+#: The finish reason of a result no execution set (the job ended before running),
+#: as an execution names it.
+_UNRUN_REASONS = {
+    JobStatus.FAILED: "error",
+    JobStatus.TIMED_OUT: "timeout",
+    JobStatus.LIMIT_EXCEEDED: "limit",
+}
+
 #: A usage snapshot is a result with no text and finish reason ``error``: CLAIM and
 #: CANCEL record it as it is, or as ``cancelled``, for a job that ends without running again.
 _SNAPSHOT = {"text": "", "finish_reason": "error", "error": None, "time_to_first_token_ms": None}
@@ -171,8 +179,12 @@ class JobRunner:
             if executor and executor.last_result:
                 result = executor.last_result
             else:  # nothing ran: what lost attempts used, if any, is the whole usage
-                reason = "error" if status == JobStatus.FAILED else status.value
-                result = (carried or ActorResult()).model_copy(update={"finish_reason": reason})
+                result = (carried or ActorResult()).model_copy(
+                    update={
+                        "finish_reason": _UNRUN_REASONS.get(status, status.value),
+                        "error": error,
+                    }
+                )
             # Every entry of this attempt goes out before its ending, so the stream
             # and the record's partial text agree (and nothing follows ``done``).
             try:
@@ -309,8 +321,12 @@ class JobRunner:
         def elapsed_ms() -> float:
             return before_ms + (time.monotonic() - started) * 1000
 
+        ended: list[ActorResult] = []  # the attempt's whole usage, once its tries are over
+
         def usage() -> str:
             """What this attempt and the lost ones used so far, for the lease renewal."""
+            if ended:  # the ending is being written: what it will record
+                return ended[0].model_copy(update=_SNAPSHOT).to_json()
             current = executor.usage_so_far()
             if current is not None and spent and spent[-1] is executor.last_result:
                 current = None  # a failed try, waiting for its retry: counted in ``spent``
@@ -386,6 +402,8 @@ class JobRunner:
             prior = spent[:-1] if spent and last is spent[-1] else spent
             if prior and last is not None:
                 executor.last_result = combine_tries(prior, last, elapsed_ms())
+            if executor.last_result is not None and executor.last_result.nodes:
+                ended.append(executor.last_result)
 
     async def _finish(
         self,

@@ -201,15 +201,22 @@ class Run:
 
     def snapshot(self) -> ActorResult:
         """What the run has used so far, the call in flight counted as if it stopped
-        now (its prompt, and its text so far estimated), without ending it: a worker
-        saves this with each lease renewal, so an attempt lost mid-run (its worker
-        killed) still counts. No text: a lost attempt's output is void."""
+        now, without ending it: a worker saves this with each lease renewal, so an
+        attempt lost mid-run (its worker killed) still counts. No text: a lost
+        attempt's output is void.
+
+        The call in flight is estimated (characters / 4, and a token per chunk at
+        least), its prompt counted only if it was already: a tokenizer pass over a
+        long prompt would hold the loop, and every stream with it, during renewals."""
         nodes = dict(self.nodes)
         acc = self._inflight_node
         if acc is not None:
             acc = nodes[acc.node] = dataclasses.replace(acc, sources=set(acc.sources))
-            n_in, source = self._prompt_tokens(acc)
-            acc.sources.update((source, "heuristic"))
+            counted = self._inflight_counted
+            if counted is not None:
+                acc.sources.add(counted[1])
+            n_in = counted[0] if counted else math.ceil(len(self._inflight_prompt) / 4)
+            acc.sources.add("heuristic")
             self._add(acc, n_in, self._output_estimate())
         return self._result(nodes.values(), "", "error", None)
 
