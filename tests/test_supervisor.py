@@ -46,14 +46,14 @@ def test_a_lost_cancellation_is_sent_again(stack_env: dict[str, str]) -> None:
         supervisor._jobs[job_id] = job  # one round at a time, without the renewals
         await r.set(keys.cancel_key(job_id), "1", ex=60)
         try:
-            await supervisor._check(renew=False)
+            await supervisor._check()
             await asyncio.sleep(0.01)
             assert job.cancel_requested and dropped and not task.done()
-            await supervisor._check(renew=False)  # too soon to send it again
+            await supervisor._check()  # too soon to send it again
             await asyncio.sleep(0.01)
             assert not task.done()
             job.stopped_at -= RESTOP_AFTER_S  # as if the interval had passed
-            await supervisor._check(renew=False)
+            await supervisor._check()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, 5)
         finally:
@@ -349,3 +349,47 @@ def test_entries_of_live_attempts_do_not_crowd_a_lost_job_out_of_the_sweeps(
     for job_id in live:  # moved to their lease's end
         score = sweeping.r.zscore(keys.RUNNING_INDEX, job_id)
         assert score is not None and score > clock.time() + 60
+
+
+def test_each_lease_is_renewed_on_its_own_clock(stack_env: dict[str, str]) -> None:
+    """A round renews the leases that fell due (lease/3 after the claim or the last
+    renewal) and leaves the others alone: jobs started apart are renewed apart."""
+    settings = Settings.from_env(stack_env)
+    tag = uuid.uuid4().hex[:8]
+    due_id, fresh_id, lost_id = (f"clock-{tag}-{n}" for n in ("due", "fresh", "lost"))
+
+    async def main() -> tuple[int, int, bool, bool, float]:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        supervisor = Supervisor(r, settings, lambda *_: None)
+        tasks = [asyncio.ensure_future(asyncio.sleep(30)) for _ in range(3)]
+        long_ago = time.monotonic() - settings.lease_ttl_s  # past lease/3
+        due = ActiveJob(due_id, "owner", tasks[0], renewed_at=long_ago)
+        fresh = ActiveJob(fresh_id, "owner", tasks[1])
+        lost = ActiveJob(lost_id, "owner", tasks[2], renewed_at=long_ago)
+        try:
+            for job in (due, fresh):
+                await r.set(keys.lease_key(job.job_id), "owner", ex=600)
+                await r.zadd(keys.RUNNING_INDEX, {job.job_id: _FAR})
+            for job in (due, fresh, lost):
+                supervisor._jobs[job.job_id] = job
+            await supervisor._check()
+            await asyncio.sleep(0)
+            return (
+                await r.pttl(keys.lease_key(due_id)),
+                await r.pttl(keys.lease_key(fresh_id)),
+                lost.lease_lost and tasks[2].cancelled(),
+                fresh.lease_lost or due.lease_lost,
+                due.renewed_at - long_ago,
+            )
+        finally:
+            for task in tasks:
+                task.cancel()
+            await r.zrem(keys.RUNNING_INDEX, due_id, fresh_id, lost_id)
+            await r.delete(*(keys.lease_key(j) for j in (due_id, fresh_id, lost_id)))
+            await r.aclose()
+
+    due_ttl, fresh_ttl, lost_stopped, wrongly_lost, moved = asyncio.run(main())
+    assert 0 < due_ttl <= settings.lease_ttl_s * 1000  # renewed: cut to the lease
+    assert fresh_ttl > settings.lease_ttl_s * 1000  # not due: untouched
+    assert lost_stopped and not wrongly_lost
+    assert moved >= settings.lease_ttl_s  # its clock moved to this round

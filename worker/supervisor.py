@@ -3,9 +3,12 @@
 - Every ``poll_s`` it checks the cancel flag of each running job (one ``MGET``
   for all jobs) and cancels the job's asyncio task when one is set, again if the
   task still runs a second later (a library dropped the cancellation).
-- Every ``lease_ttl / 3`` it renews each lease, saving what the job has used so
-  far (a later attempt counts it if this one is lost); a lease found lost stops
-  its job at once (another attempt owns it).
+- It renews each lease ``lease_ttl / 3`` after the job's claim and after each
+  renewal, saving what the job has used so far (a later attempt counts it if this
+  one is lost); a lease found lost stops its job at once (another attempt owns it).
+  Each job on its own clock: jobs that started apart are renewed apart, rather than
+  all of a process's in one burst of work for the loop (and Redis) every period,
+  and a job shorter than the period is never renewed.
 - Every ``sweep_s`` (``ACTORQ_SWEEP_INTERVAL_S``, default 5) it looks for running
   jobs whose lease expired (their worker died, froze, or lost Redis for longer
   than the lease) and sends them again to the queue they came from, so a dead
@@ -21,7 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -76,6 +79,8 @@ class ActiveJob:
     ending: bool = False
     #: When this worker cancelled the attempt's task (cancel request or lost lease).
     stopped_at: float = 0.0
+    #: When the lease was last renewed (or taken): the next renewal is due lease/3 later.
+    renewed_at: float = field(default_factory=time.monotonic)
     #: What the job has used so far (ActorResult JSON, ``""`` for nothing yet), saved
     #: with each renewal: a later attempt counts it if this one is lost.
     usage: Callable[[], str] = lambda: ""
@@ -122,16 +127,12 @@ class Supervisor:
             del self._jobs[job.job_id]
 
     async def _run(self) -> None:
-        last_renew = last_sweep = time.monotonic()
-        renew_every = self._settings.lease_ttl_s / 3
+        last_sweep = time.monotonic()
         while True:
             await asyncio.sleep(self._poll_s)
             now = time.monotonic()
             try:
-                renew = now - last_renew >= renew_every
-                await self._check(renew)
-                if renew:
-                    last_renew = now
+                await self._check()
                 if now - last_sweep >= self._sweep_s:
                     last_sweep = now
                     await self.sweep()
@@ -140,18 +141,27 @@ class Supervisor:
             except Exception as exc:  # Redis away: keep trying; jobs keep their leases a while
                 log.warning("supervisor round failed: %s", exc)
 
-    async def _check(self, renew: bool) -> None:
+    async def _check(self) -> None:
+        """Every job's cancel flag, and a renewal of the leases that fell due."""
         jobs = list(self._jobs.values())
         if not jobs:
             return
-        results: list[Any]
-        if renew:
-            results = await self._renew(jobs)
+        start = time.monotonic()
+        renew_every = self._settings.lease_ttl_s / 3
+        due = [job for job in jobs if start - job.renewed_at >= renew_every]
+        # One MGET for every flag: a pipeline of one EXISTS per job cost the loop
+        # ~25 us a job each round (7.5 ms for 300 jobs vs 0.6 ms), four rounds a second.
+        flags_call = self._redis.mget([keys.cancel_key(j.job_id) for j in jobs])
+        if due:
+            flags, renewed = await asyncio.gather(flags_call, self._renew(due))
         else:
-            # One MGET for every flag: a pipeline of one EXISTS per job cost the loop
-            # ~25 us a job each round (7.5 ms for 300 jobs vs 0.6 ms), four rounds a second.
-            flags = await self._redis.mget([keys.cancel_key(j.job_id) for j in jobs])
-            results = [(1, flag is not None) for flag in flags]
+            flags, renewed = await flags_call, []
+        kept = {id(job): ok for job, (ok, _) in zip(due, renewed, strict=True)}
+        for job in due:
+            job.renewed_at = start
+        results = [
+            (kept.get(id(job), 1), flag is not None) for job, flag in zip(jobs, flags, strict=True)
+        ]
         now = time.monotonic()
         for job, (held, cancel) in zip(jobs, results, strict=False):
             if job.ending or self._jobs.get(job.job_id) is not job:
