@@ -210,8 +210,9 @@ return {'claimed', attempt, redis.call('HGET', KEYS[1], 'payload'), redis.call('
 # entries past ``base``, its length when CLAIM started the attempt, as nothing else
 # writes to the stream while an attempt holds the lease (nothing is stored per call:
 # an HSET a call cost ~12% of the script's time, and AOF and replicas its bytes);
-# otherwise the client knows it is first_seq - 1. A stream found gone starts anew at the batch (``base`` moves);
-# one trimmed by another client would make a resend skip entries: don't.
+# otherwise the client knows it is first_seq - 1. A stream found gone starts anew
+# at the batch (``base`` moves); one trimmed by another client would make a resend
+# skip entries: don't.
 # The cap is checked per entry: the stream never holds more than max_events
 # entries written here, so MAXLEN (set above the cap) never trims a live stream.
 # CLAIM made the stream and RENEW moves its TTL; a stream made here (it had expired

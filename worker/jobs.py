@@ -148,7 +148,7 @@ class JobRunner:
             return Outcome(verdict)
         attempt = int(claim[1])
         logctx.bind(job_id=job_id, attempt=attempt)
-        carried = _carried_usage(job_id, claim[3] if len(claim) > 3 else None)
+        carried = _carried_usage(job_id, claim[3])
         task = asyncio.current_task()
         assert task is not None
         active = ActiveJob(job_id, owner, task)

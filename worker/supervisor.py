@@ -149,19 +149,15 @@ class Supervisor:
         start = time.monotonic()
         renew_every = self._settings.lease_ttl_s / 3
         due = [job for job in jobs if start - job.renewed_at >= renew_every]
-        # One MGET for every flag: a pipeline of one EXISTS per job cost the loop
-        # ~25 us a job each round (7.5 ms for 300 jobs vs 0.6 ms), four rounds a second.
-        flags_call = self._redis.mget([keys.cancel_key(j.job_id) for j in jobs])
+        rest = [job for job in jobs if start - job.renewed_at < renew_every]
+        # A renewal reads its job's cancel flag too; one MGET reads the others'.
         if due:
-            flags, renewed = await asyncio.gather(flags_call, self._renew(due))
+            renewed, flagged = await asyncio.gather(self._renew(due), self._flags(rest))
+            for job in due:
+                job.renewed_at = start
+            jobs, results = due + rest, renewed + flagged
         else:
-            flags, renewed = await flags_call, []
-        kept = {id(job): ok for job, (ok, _) in zip(due, renewed, strict=True)}
-        for job in due:
-            job.renewed_at = start
-        results = [
-            (kept.get(id(job), 1), flag is not None) for job, flag in zip(jobs, flags, strict=True)
-        ]
+            results = await self._flags(rest)
         now = time.monotonic()
         for job, (held, cancel) in zip(jobs, results, strict=False):
             if job.ending or self._jobs.get(job.job_id) is not job:
@@ -182,6 +178,17 @@ class Supervisor:
                             job.job_id, now - job.stopped_at)  # fmt: skip
                 job.stopped_at = now
                 job.task.cancel()
+
+    async def _flags(self, jobs: list[ActiveJob]) -> list[tuple[int, int]]:
+        """``(1, cancel_requested)`` per job: its cancel flag, leases left as they are.
+
+        One MGET for every flag: a pipeline of one EXISTS per job cost the loop ~25 us
+        a job each round (7.5 ms for 300 jobs vs 0.6 ms), four rounds a second.
+        """
+        if not jobs:
+            return []
+        flags = await self._redis.mget([keys.cancel_key(j.job_id) for j in jobs])
+        return [(1, int(flag is not None)) for flag in flags]
 
     async def _renew(self, jobs: list[ActiveJob]) -> list[tuple[int, int]]:
         """Renew every lease and read every cancel flag: ``(held, cancel)`` per job.

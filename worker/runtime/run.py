@@ -156,11 +156,14 @@ class Run:
             self._inflight_counted = count_tokens(self._inflight_prompt, acc.model)
         return self._inflight_counted
 
-    def _output_estimate(self) -> int:
-        """The call in flight's output tokens so far, estimated: at least one per chunk.
-        Counting the text itself would cost a tokenizer pass over all of it each time."""
+    def _inflight_estimate(self) -> tuple[int, int]:
+        """The call in flight's input and output tokens so far, without a tokenizer pass
+        (over a long text, each time): its prompt as counted if it was, else characters
+        / 4; its text characters / 4, and at least one a chunk."""
+        counted = self._inflight_counted
+        n_in = counted[0] if counted else math.ceil(len(self._inflight_prompt) / 4)
         parts = self._inflight_parts
-        return max(len(parts), math.ceil(sum(map(len, parts)) / 4))
+        return n_in, max(len(parts), math.ceil(sum(map(len, parts)) / 4))
 
     def _add(self, acc: _NodeAcc, n_in: int, n_out: int) -> None:
         acc.input_tokens += n_in
@@ -178,9 +181,8 @@ class Run:
         if next_call is not None:
             total += next_call
         elif acc is not None:
-            # Estimate the call in flight: its prompt, and its text so far.
-            n_in = self._inflight_counted[0] if self._inflight_counted else 0
-            out = self._output_estimate()
+            # The call in flight: priced, so its prompt was counted as it began.
+            n_in, out = self._inflight_estimate()
             total += cost_usd(self.pricing.get(acc.model), n_in, out) or Decimal(0)
         if total > limit:
             raise LimitExceeded("max_cost_usd", f"running cost {total:.6f} > {limit}")
@@ -205,19 +207,17 @@ class Run:
         attempt lost mid-run (its worker killed) still counts. No text: a lost
         attempt's output is void.
 
-        The call in flight is estimated (characters / 4, and a token per chunk at
-        least), its prompt counted only if it was already: a tokenizer pass over a
-        long prompt would hold the loop, and every stream with it, during renewals."""
+        The call in flight is estimated (:meth:`_inflight_estimate`): a tokenizer
+        pass over a long prompt would hold the loop, and every stream with it,
+        during renewals."""
         nodes = dict(self.nodes)
         acc = self._inflight_node
         if acc is not None:
             acc = nodes[acc.node] = dataclasses.replace(acc, sources=set(acc.sources))
-            counted = self._inflight_counted
-            if counted is not None:
-                acc.sources.add(counted[1])
-            n_in = counted[0] if counted else math.ceil(len(self._inflight_prompt) / 4)
+            if self._inflight_counted is not None:
+                acc.sources.add(self._inflight_counted[1])
             acc.sources.add("heuristic")
-            self._add(acc, n_in, self._output_estimate())
+            self._add(acc, *self._inflight_estimate())
         return self._result(nodes.values(), "", "error", None)
 
     def _result(
