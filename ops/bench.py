@@ -37,7 +37,9 @@ from .bench_measure import (
     Sampler,
     command_time,
     cpu_seconds,
+    cpu_wait,
     pct,
+    sched_ns,
     summarise_lags,
     tail_job,
     tree_pids,
@@ -382,6 +384,7 @@ def _phase_stream(
     others = {"router": [os.getpid()], "redis": [stack.redis.pid]}
     other_cpu: dict[str, float] = {}
     command_us: dict[str, float] = {}
+    waits: dict[str, dict[str, float] | None] = {}
 
     async def main() -> tuple[list[JobTrace], float, Sampler]:
         # One warm-up job: imports, connections and the script cache are not the point.
@@ -390,9 +393,13 @@ def _phase_stream(
         with Sampler(w.pid, stack.redis.port) as sampler:
             cpu0 = cpu_seconds(pids)
             others0 = {k: cpu_seconds(v) for k, v in others.items()}
+            parts = {"worker": pids, **others}
+            sched0, started = {k: sched_ns(v) for k, v in parts.items()}, time.monotonic()
             commands0 = r.info("commandstats")
             traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample, ramp_s)
             cpu = cpu_seconds(pids) - cpu0
+            wall = time.monotonic() - started
+            waits.update({k: cpu_wait(sched0[k], sched_ns(v), wall) for k, v in parts.items()})
             other_cpu.update({k: cpu_seconds(v) - others0[k] for k, v in others.items()})
             command_us.update(command_time(commands0, r.info("commandstats")))
             peak["redis_clients"] = int(r.info("clients")["connected_clients"])
@@ -417,6 +424,9 @@ def _phase_stream(
         worker_redis_connections=sampler.peak_connections,
         router_tail_connections=peak["tail_connections"],
         redis_connected_clients=peak["redis_clients"],
+        # Run-queue time of each process while the jobs ran: how much of the lag is
+        # the machine's CPUs being busy rather than actorq's own path.
+        cpu_wait=waits,
         lags_ms=[lag for t in traces for lag in t.lags_ms],
     )
     return out

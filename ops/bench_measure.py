@@ -25,9 +25,11 @@ __all__ = [
     "all_streaming",
     "command_time",
     "cpu_seconds",
+    "cpu_wait",
     "pct",
     "pss_bytes",
     "redis_connections",
+    "sched_ns",
     "summarise_lags",
     "tail_job",
     "timeline",
@@ -83,6 +85,42 @@ def cpu_seconds(pids: Iterable[int]) -> float:
             fields = f.read().rpartition(")")[2].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / _TICK
+
+
+def sched_ns(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
+    """Per thread of ``pids``: nanoseconds on a CPU and runnable but waiting for one
+    (``/proc/<pid>/task/<tid>/schedstat``); empty where the kernel keeps no such counts."""
+    out: dict[int, tuple[int, int]] = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError, ValueError):
+                    with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                        ran, waited = f.read().split()[:2]
+                    out[int(tid)] = (int(ran), int(waited))
+    return out
+
+
+def cpu_wait(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], wall_s: float
+) -> dict[str, float] | None:
+    """Between two :func:`sched_ns` readings, as shares of ``wall_s``: the busiest
+    thread's time on a CPU and waiting for one, and every thread's waiting summed.
+
+    Time a thread was runnable but not running is time its work (a token) sat in
+    the machine's run queue: on a saturated machine, part of every lag figure.
+    """
+    if not after or wall_s <= 0:
+        return None
+    zero = (0, 0)
+    deltas = [(r - before.get(t, zero)[0], w - before.get(t, zero)[1]) for t, (r, w) in after.items()]
+    running, waiting = max(deltas)
+    wall_ns = wall_s * 1e9
+    return {
+        "busiest_running": running / wall_ns,
+        "busiest_waiting": waiting / wall_ns,
+        "waiting": sum(w for _, w in deltas) / wall_ns,
+    }
 
 
 def pss_bytes(pids: Iterable[int]) -> int:

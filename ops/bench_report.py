@@ -218,6 +218,7 @@ def render(res: dict[str, Any]) -> str:
         f"~{_f(cap['redis_core_tokens_per_s_load'], 0)} tokens/s at the load's cost per "
         f"token, ~{_f(cap['redis_core_tokens_per_s_fanin'], 0)} at the fan-in's."
     )
+    notes += _waits(load, res["fanin"])
     seconds = [x for x in load.get("timeline", []) if x["lag_p50_ms"] is not None]
     if seconds:
         notes += (
@@ -237,6 +238,30 @@ def render(res: dict[str, Any]) -> str:
     failed = [k for k in ("load", "fanin", "naive", "prefork") if res[k]["succeeded"] < res[k]["jobs"]]
     warn = f"\nWARNING: unfinished jobs in {', '.join(failed)}" if failed else ""
     return f"\n{t}\n\n{p}\n\n{notes}{warn}"
+
+
+def _waits(load: dict[str, Any], fanin: dict[str, Any]) -> str:
+    """Each process's run-queue time in the load and the fan-in (``cpu_wait``)."""
+
+    def phase(d: dict[str, Any]) -> str | None:
+        waits = d.get("cpu_wait") or {}
+        names = {"worker": "worker's event loop", "router": "router", "redis": "Redis"}
+        if not all(waits.get(key) for key in names):
+            return None
+        parts = [(name, waits[key]) for key, name in names.items()]
+        return ", ".join(
+            f"{name} {w['busiest_waiting']:.0%} (running {w['busiest_running']:.0%})"
+            for name, w in parts
+        )
+
+    load_part, fanin_part = phase(load), phase(fanin)
+    if load_part is None or fanin_part is None:
+        return ""
+    return (
+        "\nRunnable but waiting for a CPU, share of the phase's wall time, each process's "
+        f"busiest thread: load {load_part}; fan-in {fanin_part}. On a busy machine that "
+        "queueing is in every token's lag."
+    )
 
 
 def _rounds(load: dict[str, Any]) -> str:

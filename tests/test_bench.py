@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 
 from ops.bench import BenchOptions, bracket_floor, median_round, memory_tokens, run_bench
-from ops.bench_measure import JobTrace, all_streaming
+from ops.bench_measure import JobTrace, all_streaming, cpu_wait, sched_ns
 from ops.bench_peers import arrival_offsets
 from ops.bench_report import capacity
 from ops.cli import main
@@ -97,6 +98,13 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         "(round 2 of 2)",
     ):
         assert label in text
+    if Path("/proc/self/task").is_dir() and sched_ns([os.getpid()]):
+        for phase in ("load", "fanin"):  # each process's run-queue time, from the kernel
+            for part, wait in data[phase]["cpu_wait"].items():
+                shares = [wait["busiest_running"], wait["busiest_waiting"], wait["waiting"]]
+                assert all(_number(x) and x >= 0 for x in shares), (phase, part, wait)
+                assert 0 < wait["busiest_running"] <= 1.05, (phase, part, wait)
+        assert "Runnable but waiting for a CPU" in text
 
 
 def test_the_floor_is_the_mean_of_its_two_runs() -> None:
@@ -120,6 +128,15 @@ def test_the_median_round_is_reported_with_the_floor_around_it() -> None:
     assert load["reported_round"] == 2
     with pytest.raises(ValueError, match="around each load"):
         median_round(loads, floors[:3])
+
+
+def test_cpu_wait_is_the_busiest_threads_share_of_the_wall_time() -> None:
+    before = {1: (1_000, 500), 2: (4_000, 0)}
+    after = {1: (2_000, 1_500), 2: (504_000, 250_000), 3: (10_000, 30_000)}  # 3 started between
+    wait = cpu_wait(before, after, 1e-3)  # a millisecond
+    assert wait == {"busiest_running": 0.5, "busiest_waiting": 0.25, "waiting": 0.281}
+    assert cpu_wait(before, {}, 1.0) is None  # no schedstat: nothing to say
+    assert cpu_wait(before, after, 0.0) is None
 
 
 def test_capacity_is_cores_at_the_nominal_rates() -> None:
