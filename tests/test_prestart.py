@@ -29,6 +29,25 @@ def test_prestart_starts_every_thread_and_leaves_them_idle() -> None:
         executor.shutdown()
 
 
+def test_prestart_warms_each_new_thread_once() -> None:
+    executor = ThreadPoolExecutor(max_workers=6)
+    warmed: list[int] = []
+    lock = threading.Lock()
+
+    def warm() -> None:
+        with lock:
+            warmed.append(threading.get_ident())
+        if len(warmed) == 2:
+            raise RuntimeError("one thread's warm-up fails")  # that thread still starts
+
+    try:
+        assert prestart(executor, timeout=10, warm=warm) == 6
+        assert sorted(warmed) == sorted({t.ident for t in executor._threads})
+        assert prestart(executor, warm=warm) == 6 and len(warmed) == 6  # no new thread, no warm-up
+    finally:
+        executor.shutdown()
+
+
 def test_a_worker_has_its_threads_before_its_first_job(
     stack_env: dict[str, str], start_worker: WorkerFactory
 ) -> None:
