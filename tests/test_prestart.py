@@ -37,7 +37,8 @@ def test_prestart_warms_each_new_thread_once() -> None:
     def warm() -> None:
         with lock:
             warmed.append(threading.get_ident())
-        if len(warmed) == 2:
+            second = len(warmed) == 2
+        if second:
             raise RuntimeError("one thread's warm-up fails")  # that thread still starts
 
     try:
