@@ -47,7 +47,7 @@ def test_an_unencodable_token_loses_nothing_of_its_own_job_or_its_pipeline_neigh
         pub.publish(ch_good, ["type", "token", "text", "C", "node", "n"])
         await asyncio.wait_for(pub.drain(ch_good), 10)
         await asyncio.wait_for(pub.drain(ch_odd), 10)
-        await runner.redis.aclose()
+        await runner.aclose()
 
     try:
         asyncio.run(main())
@@ -319,7 +319,7 @@ def test_a_job_whose_events_key_is_not_a_stream_ends_failed_and_stays_ended(
             running, "owner-r", JobStatus.FAILED, "x", "StreamWriteError", result, []
         )
         later = await runner.run(running)
-        await runner.redis.aclose()
+        await runner.aclose()
         return first, again, ended, later
 
     try:
@@ -666,7 +666,7 @@ def test_a_job_whose_entries_redis_refused_ends_failed(
         try:
             return str(await runner.run(job_id))
         finally:
-            await runner.redis.aclose()
+            await runner.aclose()
 
     try:
         assert asyncio.run(main()) == "failed"

@@ -108,7 +108,7 @@ def test_the_publisher_reconnects_when_a_failover_demotes_its_primary() -> None:
             proxy.upstream = b.port
             publisher.publish_token(channel, "after", "n")
             await asyncio.wait_for(publisher.drain(channel), 20)
-            await runner.redis.aclose()
+            await runner.aclose()
             await proxy.close()
             return job_id
 
@@ -121,7 +121,7 @@ def _run(runner: JobRunner, job_id: str) -> Any:
         try:
             return await asyncio.wait_for(runner.run(job_id), 60)
         finally:
-            await runner.redis.aclose()
+            await runner.aclose()
 
     return asyncio.run(main())
 
@@ -176,7 +176,7 @@ def test_an_ending_refused_by_a_read_only_redis_is_written_once_it_takes_writes(
                 # A payload that can't be decoded: the attempt goes straight to its ending.
                 return await asyncio.wait_for(runner.run(job_id, decode_error="bad payload"), 60)
             finally:
-                await runner.redis.aclose()
+                await runner.aclose()
 
         assert asyncio.run(main()) == "failed"
         entries = [f[b"type"] for _, f in r.xrange(keys.events_key(job_id))]

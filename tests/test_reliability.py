@@ -808,7 +808,7 @@ def test_a_renewal_after_the_tries_ran_out_saves_what_the_record_will_hold(
         try:
             return str(await asyncio.wait_for(runner.run(job_id), 60))
         finally:
-            await runner.redis.aclose()
+            await runner.aclose()
 
     try:
         assert asyncio.run(main()) == "limit_exceeded"

@@ -393,3 +393,62 @@ def test_each_lease_is_renewed_on_its_own_clock(stack_env: dict[str, str]) -> No
     assert fresh_ttl > settings.lease_ttl_s * 1000  # not due: untouched
     assert lost_stopped and not wrongly_lost
     assert moved >= settings.lease_ttl_s  # its clock moved to this round
+
+
+def test_a_supervisor_ends_on_one_cancel_though_a_library_swallowed_it(
+    stack_env: dict[str, str],
+) -> None:
+    """redis-py can lose a cancellation that lands inside a command. The one cancel
+    asyncio.run sends at its end must still end the supervisor: a task that loops
+    on keeps the loop from ever closing. ``stop`` ends it too."""
+    settings = Settings.from_env(stack_env)
+    job_id = f"swallow-{uuid.uuid4().hex[:8]}"
+    swallowed: list[bool] = []
+
+    async def main() -> tuple[bool, bool, bool]:
+        r = aioredis.Redis.from_url(settings.redis_url)
+        real_mget = r.mget
+        inside = asyncio.Event()
+
+        async def mget(names: list[str]) -> Any:
+            inside.set()
+            try:
+                await asyncio.sleep(30)  # the command in flight as the cancel lands
+            except asyncio.CancelledError:
+                swallowed.append(True)  # and it completes as if nothing came
+            return await real_mget(names)
+
+        r.mget = mget  # type: ignore[method-assign]
+        idle = asyncio.ensure_future(asyncio.sleep(30))
+        runners: list[asyncio.Task[None]] = []
+        try:
+            ended = []
+            for how in ("cancel", "stop"):
+                inside.clear()
+                supervisor = Supervisor(r, settings, lambda *_: None, poll_s=0.01, sweep_s=3600)
+                supervisor._jobs[job_id] = ActiveJob(job_id, "owner", idle)  # not due: flags only
+                supervisor.start()
+                runner = supervisor._runner
+                assert runner is not None
+                runners.append(runner)
+                await asyncio.wait_for(inside.wait(), 5)
+                if how == "cancel":
+                    runner.cancel()
+                    await asyncio.wait({runner}, timeout=5)
+                else:
+                    await asyncio.wait_for(supervisor.stop(), 5)
+                ended.append(runner.cancelled())
+            return ended[0], ended[1], len(swallowed) == 2
+        finally:
+            idle.cancel()
+            for _ in range(50):  # one left running must fail this test, not hang the loop's end
+                if all(t.done() for t in runners):
+                    break
+                for t in runners:
+                    t.cancel()
+                await asyncio.sleep(0.02)
+            await r.aclose()
+
+    by_cancel, by_stop, both_swallowed = asyncio.run(main())
+    assert both_swallowed, "the stand-in library did not swallow the cancels"
+    assert by_cancel and by_stop

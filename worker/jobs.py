@@ -130,6 +130,15 @@ class JobRunner:
         # How long a delivery waits for an unreachable Redis before it re-sends the job.
         self.claim_wait_s = 30.0
 
+    async def aclose(self) -> None:
+        """Stop the supervisor and close the Redis connections (for a loop that ends).
+
+        The worker's own loop lives as long as its process and never calls this.
+        """
+        await self.supervisor.stop()
+        await self.redis.aclose()
+        await self.redis.connection_pool.disconnect()
+
     # -- the attempt ---------------------------------------------------------------
 
     async def run(self, job_id: str, decode_error: str | None = None) -> Outcome:

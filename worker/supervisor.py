@@ -126,9 +126,25 @@ class Supervisor:
         if self._jobs.get(job.job_id) is job:
             del self._jobs[job.job_id]
 
+    async def stop(self) -> None:
+        """Stop the housekeeping task and wait until it has ended.
+
+        Cancelled until done: redis-py can lose a cancellation that lands inside
+        one of its commands, and a task left running keeps its loop from closing.
+        """
+        task, self._runner = self._runner, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
+
     async def _run(self) -> None:
         last_sweep = time.monotonic()
+        task = asyncio.current_task()
         while True:
+            if task is not None and task.cancelling():
+                # Asked to stop, and a library swallowed the CancelledError (seen in
+                # redis-py): a single cancel, as asyncio.run sends, must still end this.
+                raise asyncio.CancelledError
             await asyncio.sleep(self._poll_s)
             now = time.monotonic()
             try:
