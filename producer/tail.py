@@ -36,6 +36,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from .aio import raise_if_cancelling, stop_task
 from .keys import entry_id_key as _id_key
 from .resp import bulk
 from .tracking import InvalidationListener
@@ -306,6 +307,7 @@ class _Shard:
         block = True  # the first read waits; later ones poll while entries keep coming
         try:
             while True:
+                raise_if_cancelling()  # a library may have swallowed the CancelledError
                 if not self.subs:
                     return  # idle: give the connection back; the next subscriber restarts it
                 if self.client_id is None:
@@ -626,9 +628,7 @@ class Tail:
                 # End a blocked read first, so the reader stops at once.
                 with contextlib.suppress(Exception):
                     await self.redis.client_unblock(shard.client_id)
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await stop_task(task)
         closed = RedisConnectionError("the tail was closed (Client.aclose)")
         for shard in self._shards:
             shard._fail(closed)  # its tails raise now rather than wait for entries

@@ -31,6 +31,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from .aio import stop_task
+
 __all__ = ["INVALIDATE_CHANNEL", "InvalidationListener"]
 
 log = logging.getLogger("actorq.tail")
@@ -75,9 +77,7 @@ class InvalidationListener:
         task, self._task = self._task, None
         # Cancelled until done: redis-py, connecting, can swallow one cancellation
         # (the task then went on to listen, and an await on it never ended).
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await stop_task(task)
         self._set_epoch(None)
 
     def _set_epoch(self, epoch: int | None) -> None:

@@ -18,7 +18,7 @@ import redis
 
 from ops.stack import EmbeddedRedis
 from producer import Client, InvalidInput, JobNotFound, JobTimeout, Settings, keys
-from producer.tail import Tail
+from producer.tail import Tail, _Shard
 
 _made: list[str] = []  # jobs written here directly: deleted after each test
 
@@ -437,3 +437,42 @@ def test_a_reader_whose_last_tail_left_while_it_started_gives_its_connection_bac
 
     asyncio.run(main())
 
+
+
+def test_closing_a_tail_ends_a_reader_whose_cancel_a_library_swallowed(
+    redis_target: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py can lose a cancellation that lands inside a command: ``aclose`` must
+    still end the reader, not wait on it forever."""
+    job_id = _new_job(redis_target.client())
+    inside = asyncio.Event()
+    swallowed: list[bool] = []
+
+    async def read(self: _Shard, command: bytes, streams: dict[str, str]) -> Any:
+        inside.set()
+        try:
+            await asyncio.sleep(30)  # the read in flight as the cancel lands
+        except asyncio.CancelledError:
+            swallowed.append(True)  # and it returns as if nothing came
+        return None
+
+    monkeypatch.setattr(_Shard, "_read", read)
+
+    async def main() -> bool:
+        tail = Tail(redis_target.url)
+        async with tail.subscribe(keys.events_key(job_id), "0"):
+            await asyncio.wait_for(inside.wait(), 5)
+            reader = tail._shards[0].task
+            assert reader is not None
+            try:
+                await asyncio.wait_for(tail.aclose(), 5)
+            finally:
+                for _ in range(50):  # one left running must fail this test, not hang it
+                    if reader.done():
+                        break
+                    reader.cancel()
+                    await asyncio.sleep(0.02)
+        return reader.done()
+
+    assert asyncio.run(main())
+    assert swallowed, "the stand-in library did not swallow the cancel"

@@ -32,6 +32,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import keys, scripts
+from producer.aio import raise_if_cancelling, stop_task
 from producer.settings import Settings, env_number
 
 from .publisher import Publisher, ScriptArg
@@ -127,24 +128,14 @@ class Supervisor:
             del self._jobs[job.job_id]
 
     async def stop(self) -> None:
-        """Stop the housekeeping task and wait until it has ended.
-
-        Cancelled until done: redis-py can lose a cancellation that lands inside
-        one of its commands, and a task left running keeps its loop from closing.
-        """
+        """Stop the housekeeping task and wait until it has ended."""
         task, self._runner = self._runner, None
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        await stop_task(task)
 
     async def _run(self) -> None:
         last_sweep = time.monotonic()
-        task = asyncio.current_task()
         while True:
-            if task is not None and task.cancelling():
-                # Asked to stop, and a library swallowed the CancelledError (seen in
-                # redis-py): a single cancel, as asyncio.run sends, must still end this.
-                raise asyncio.CancelledError
+            raise_if_cancelling()  # a library may have swallowed the CancelledError
             await asyncio.sleep(self._poll_s)
             now = time.monotonic()
             try:
