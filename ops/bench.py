@@ -342,6 +342,21 @@ def _cpu_model() -> str | None:
     return None
 
 
+def _redis_server(url: str) -> dict[str, Any]:
+    """The Redis version and the setting that moves its cost per read (``ops.stack``)."""
+    import redis
+
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        node = r.config_get("stream-node-max-entries").get("stream-node-max-entries")
+        return {
+            "redis_version": r.info("server").get("redis_version"),
+            "stream_node_max_entries": int(node) if node else None,
+        }
+    finally:
+        r.close()
+
+
 def _has(module: str) -> bool:
     import importlib.util
 
@@ -592,6 +607,7 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
         f"ttft {opts.ttft_ms} ms (logs: {log_dir})")  # fmt: skip
     results: dict[str, Any] = {"options": {**asdict(opts), "out_dir": str(opts.out_dir)}}
     stack = _Stack(opts, log_dir, out)
+    redis_server = _redis_server(stack.redis.url)
     mark = time.time()
 
     def lap() -> str:
@@ -642,6 +658,7 @@ def run_bench(opts: BenchOptions, out: Callable[[str], None] = print) -> dict[st
         "python": sys.version.split()[0],
         "uvloop": _has("uvloop") and opts.uvloop,
         "hiredis": _has("hiredis"),
+        **redis_server,
     }
     results["elapsed_s"] = time.time() - started
     opts.out_dir.mkdir(parents=True, exist_ok=True)

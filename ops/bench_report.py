@@ -233,7 +233,8 @@ def render(res: dict[str, Any]) -> str:
     notes += (
         f"\nmachine: {m.get('cpus')} CPUs{_model(m)}, load average after the run "
         f"{', '.join(f'{x:.2f}' for x in m.get('load_avg_after', ()))}; uvloop "
-        f"{'on' if m.get('uvloop') else 'off'}, hiredis {'on' if m.get('hiredis') else 'off'}."
+        f"{'on' if m.get('uvloop') else 'off'}, hiredis {'on' if m.get('hiredis') else 'off'}; "
+        f"Redis {m.get('redis_version')}, stream-node-max-entries {m.get('stream_node_max_entries')}."
     )
     failed = [k for k in ("load", "fanin", "naive", "prefork") if res[k]["succeeded"] < res[k]["jobs"]]
     warn = f"\nWARNING: unfinished jobs in {', '.join(failed)}" if failed else ""

@@ -17,7 +17,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["EmbeddedRedis", "WorkerProcess", "free_port", "redis_server_binary"]
+__all__ = [
+    "STREAM_NODE_MAX_ENTRIES",
+    "EmbeddedRedis",
+    "WorkerProcess",
+    "free_port",
+    "redis_server_binary",
+]
+
+#: Entries per node of a Redis stream (``stream-node-max-entries``; Redis's default is
+#: 100). A tail's read finds its cursor by walking the node that holds it from the
+#: node's first entry, so with one new token per stream per read that walk is most of
+#: ``XREAD``'s cost: 32 halves it (11 -> 5.4 us per entry read) for ~9 more bytes per
+#: entry (42 -> 51; 16 would take 68). ops/deploy sets the same.
+STREAM_NODE_MAX_ENTRIES = 32
 
 
 def free_port() -> int:
@@ -120,6 +133,8 @@ class EmbeddedRedis:
             str(self.dir / "redis.log"),
             "--maxclients",
             "10000",
+            "--stream-node-max-entries",
+            str(STREAM_NODE_MAX_ENTRIES),
         ]
         if self.password:
             args += ["--requirepass", self.password]

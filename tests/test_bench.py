@@ -18,6 +18,7 @@ from ops.bench_measure import JobTrace, all_streaming, cpu_wait, sched_ns
 from ops.bench_peers import arrival_offsets
 from ops.bench_report import capacity
 from ops.cli import main
+from ops.stack import STREAM_NODE_MAX_ENTRIES
 
 FIGURES = {
     "floor": ["cpu_us_per_token", "rate_fraction", "tokens"],
@@ -66,6 +67,9 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
         by_command = data[phase]["redis_command_us_per_token"]
         assert by_command["evalsha"] > 0 and by_command["xread"] > 0, by_command
     assert any("Redis time by command" in line for line in lines)
+    # The embedded Redis runs with actorq's stream node size, and the report says so.
+    assert data["machine"]["stream_node_max_entries"] == STREAM_NODE_MAX_ENTRIES
+    assert any(f"stream-node-max-entries {STREAM_NODE_MAX_ENTRIES}" in line for line in lines)
     idle = data["idle"]
     for name in ("added_ms_p50", "added_ms_p99"):
         assert _number(idle["first_token"][name]), name

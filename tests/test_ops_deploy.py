@@ -13,6 +13,7 @@ import yaml
 
 import worker.metrics
 from ops.cli import build_parser
+from ops.stack import STREAM_NODE_MAX_ENTRIES
 from producer.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,9 @@ def test_compose_runs_the_whole_stack() -> None:
     assert {"redis", "worker", "flower", "router"} <= services.keys()
     redis_cmd = services["redis"]["command"]
     assert "noeviction" in redis_cmd and redis_cmd[redis_cmd.index("--appendonly") + 1] == "yes"
+    # The stream node size the embedded Redis (and so the benchmark) runs with.
+    node = redis_cmd[redis_cmd.index("--stream-node-max-entries") + 1]
+    assert node == str(STREAM_NODE_MAX_ENTRIES)
     assert services["worker"]["command"][:2] == ["actorq", "worker"]
     assert "--read-only" in services["flower"]["command"]
     # Flower's unauthenticated /metrics: published on loopback only.
