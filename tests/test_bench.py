@@ -74,6 +74,7 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
     for name in ("added_ms_p50", "added_ms_p99"):
         assert _number(idle["first_token"][name]), name
     assert _number(idle["worker_cpu_ms_per_job"]) and _number(idle["redis_cpu_ms_per_job"])
+    assert idle["cost_jobs"] == opts.cost_jobs
     assert any("Redis CPU per one-token job" in line for line in lines)
     mem = idle["memory"]
     assert mem["succeeded"] == mem["jobs"]
@@ -175,6 +176,8 @@ def test_bench_command_rejects_bad_knobs(capsys: pytest.CaptureFixture[str]) -> 
     assert "jobs must be a positive integer" in capsys.readouterr().err
     assert main(["bench", "--quick", "--rounds", "0"]) == 2
     assert "rounds must be a positive integer" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--cost-jobs", "0"]) == 2
+    assert "cost_jobs must be a positive integer" in capsys.readouterr().err
     assert main(["bench", "--delay-ms", "-5"]) == 2
     assert "delay_ms" in capsys.readouterr().err
     with pytest.raises(ValueError, match="tail_jobs"):
