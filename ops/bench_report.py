@@ -195,7 +195,7 @@ def render(res: dict[str, Any]) -> str:
         f"{' / '.join(_f(x, 1) for x in floor.get('cpu_us_per_token_runs', []))} us "
         f"(the mean is the floor).{_rounds(load)}\n"
         f"Worker CPU per job (claim, build, finish, Celery; "
-        f"{res['idle'].get('cost_jobs', '?')} one-token jobs): {_f(per_job)} ms; per token "
+        f"{res['options'].get('cost_jobs', '?')} one-token jobs): {_f(per_job)} ms; per token "
         f"without it: {_f(steady, 1)} us ({_f(_ratio(steady, floor['cpu_us_per_token']))}x "
         f"floor).{_redis_per_job(res['idle'].get('redis_cpu_ms_per_job'))}\n"
         f"Redis, a job of {mem['entries_per_job']:.0f} entries: stream "

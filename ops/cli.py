@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-jobs", type=int, help="jobs for first-token latency (30)")
     p.add_argument("--memory-jobs", type=int, help="jobs for Redis memory (50)")
     p.add_argument(
-        "--cost-jobs", type=int, help="one-token jobs for the CPU each job pays once (300)"
+        "--cost-jobs", type=int, help="one-token jobs for what each job pays once (300)"
     )
     p.add_argument("--tail-jobs", type=int, help="concurrent tails of the fan-in phase (1000)")
     p.add_argument("--tail-tokens", type=int, help="tokens per fan-in job (150)")
