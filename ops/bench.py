@@ -39,9 +39,11 @@ from .bench_measure import (
     cpu_seconds,
     cpu_wait,
     pct,
+    ran_by_role,
     sched_ns,
     summarise_lags,
     tail_job,
+    thread_roles,
     tree_pids,
     us_per_token,
 )
@@ -390,6 +392,8 @@ def _phase_stream(
     stack: _Stack, name: str, jobs: int, tokens: int, delay_ms: float, ramp_s: float = 0.0
 ) -> dict[str, Any]:
     """``jobs`` concurrent jobs on one worker process, tailed from this process."""
+    from worker.loop import LOOP_THREAD_NAME
+
     o = stack.opts
     w = stack.worker(name, concurrency=jobs, env={"ACTORQ_STAMP_TOKENS": "1"})
     client = _client(stack.env)
@@ -405,6 +409,7 @@ def _phase_stream(
     other_cpu: dict[str, float] = {}
     command_us: dict[str, float] = {}
     waits: dict[str, dict[str, float] | None] = {}
+    by_thread: dict[str, float] = {}  # the worker's CPU seconds by thread role
 
     async def main() -> tuple[list[JobTrace], float, Sampler]:
         # One warm-up job: imports, connections and the script cache are not the point.
@@ -419,7 +424,11 @@ def _phase_stream(
             traces = await _run_jobs(client, stack.env, cfg, jobs, timeout, sample, ramp_s)
             cpu = cpu_seconds(pids) - cpu0
             wall = time.monotonic() - started
-            waits.update({k: cpu_wait(sched0[k], sched_ns(v), wall) for k, v in parts.items()})
+            sched1 = {k: sched_ns(v) for k, v in parts.items()}
+            waits.update({k: cpu_wait(sched0[k], sched1[k], wall) for k in parts})
+            if sched1["worker"]:
+                roles = thread_roles(w.pid, LOOP_THREAD_NAME)
+                by_thread.update(ran_by_role(sched0["worker"], sched1["worker"], roles))
             other_cpu.update({k: cpu_seconds(v) - others0[k] for k, v in others.items()})
             command_us.update(command_time(commands0, r.info("commandstats")))
             peak["redis_clients"] = int(r.info("clients")["connected_clients"])
@@ -447,6 +456,10 @@ def _phase_stream(
         # Run-queue time of each process while the jobs ran: how much of the lag is
         # the machine's CPUs being busy rather than actorq's own path.
         cpu_wait=waits,
+        # Where the worker's CPU went: its event loop, Celery's intake, the rest.
+        worker_cpu_us_per_token_by_thread={
+            k: us_per_token(v, out["tokens"]) for k, v in by_thread.items()
+        },
         lags_ms=[lag for t in traces for lag in t.lags_ms],
     )
     return out

@@ -28,10 +28,12 @@ __all__ = [
     "cpu_wait",
     "pct",
     "pss_bytes",
+    "ran_by_role",
     "redis_connections",
     "sched_ns",
     "summarise_lags",
     "tail_job",
+    "thread_roles",
     "timeline",
     "tree_pids",
     "us_per_token",
@@ -98,6 +100,30 @@ def sched_ns(pids: Iterable[int]) -> dict[int, tuple[int, int]]:
                     with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
                         ran, waited = f.read().split()[:2]
                     out[int(tid)] = (int(ran), int(waited))
+    return out
+
+
+def thread_roles(pid: int, loop_name: str) -> dict[int, str]:
+    """Each thread of worker ``pid`` by its part: ``main`` (Celery's consumer, which
+    takes messages in), ``loop`` (the thread the kernel knows as ``loop_name``) and
+    ``other`` (pool threads waiting on their jobs, helpers)."""
+    roles: dict[int, str] = {}
+    with contextlib.suppress(OSError):
+        for tid in map(int, os.listdir(f"/proc/{pid}/task")):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+                roles[tid] = "main" if tid == pid else "loop" if name == loop_name else "other"
+    return roles
+
+
+def ran_by_role(
+    before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], roles: dict[int, str]
+) -> dict[str, float]:
+    """Seconds on a CPU between two :func:`sched_ns` readings, summed by
+    :func:`thread_roles` (a thread started in between counts from zero)."""
+    out = {"main": 0.0, "loop": 0.0, "other": 0.0}
+    for tid, (ran, _) in after.items():
+        out[roles.get(tid, "other")] += (ran - before.get(tid, (0, 0))[0]) / 1e9
     return out
 
 

@@ -197,7 +197,8 @@ def render(res: dict[str, Any]) -> str:
         f"Worker CPU per job (claim, build, finish, Celery; "
         f"{res['options'].get('cost_jobs', '?')} one-token jobs): {_f(per_job)} ms; per token "
         f"without it: {_f(steady, 1)} us ({_f(_ratio(steady, floor['cpu_us_per_token']))}x "
-        f"floor).{_redis_per_job(res['idle'].get('redis_cpu_ms_per_job'))}\n"
+        f"floor).{_redis_per_job(res['idle'].get('redis_cpu_ms_per_job'))}"
+        f"{_by_thread(load, floor)}\n"
         f"Redis, a job of {mem['entries_per_job']:.0f} entries: stream "
         f"{mem['stream_bytes_per_job']:.0f} B ({mem['bytes_per_entry']:.0f} B/entry on average, "
         f"{mem['marginal_bytes_per_entry']:.0f} B/entry marginal), record "
@@ -263,6 +264,19 @@ def _waits(load: dict[str, Any], fanin: dict[str, Any]) -> str:
         "\nRunnable but waiting for a CPU, share of the phase's wall time, each process's "
         f"busiest thread: load {load_part}; fan-in {fanin_part}. On a busy machine that "
         "queueing is in every token's lag."
+    )
+
+
+def _by_thread(load: dict[str, Any], floor: dict[str, Any]) -> str:
+    """The load's worker CPU per token by thread (``worker_cpu_us_per_token_by_thread``)."""
+    split = load.get("worker_cpu_us_per_token_by_thread") or {}
+    if not all(split.get(k) is not None for k in ("loop", "main", "other")):
+        return ""
+    return (
+        f"\nWorker CPU per token by thread, in the load: event loop {_f(split['loop'], 1)} us "
+        f"({_f(_ratio(split['loop'], floor['cpu_us_per_token']))}x floor), Celery's intake "
+        f"(main thread) {_f(split['main'], 1)}, pool threads and the rest "
+        f"{_f(split['other'], 1)}."
     )
 
 

@@ -110,6 +110,15 @@ def test_quick_bench_reports_every_figure(tmp_path: Path) -> None:
                 assert all(_number(x) and x >= 0 for x in shares), (phase, part, wait)
                 assert 0 < wait["busiest_running"] <= 1.05, (phase, part, wait)
         assert "Runnable but waiting for a CPU" in text
+        # The worker's CPU by thread adds up to what /proc counts for the process
+        # (clock ticks against the scheduler's nanoseconds: within a few ticks).
+        load = data["load"]
+        split = load["worker_cpu_us_per_token_by_thread"]
+        assert set(split) == {"loop", "main", "other"}
+        assert split["loop"] > 0 and split["main"] > 0 and split["other"] >= 0, split
+        ticks_us = 5 * 1e6 / os.sysconf("SC_CLK_TCK") / load["tokens"]
+        assert sum(split.values()) == pytest.approx(load["cpu_us_per_token"], abs=ticks_us)
+        assert "Worker CPU per token by thread, in the load: event loop" in text
 
 
 def test_the_floor_is_the_mean_of_its_two_runs() -> None:

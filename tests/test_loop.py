@@ -40,7 +40,20 @@ def test_coroutines_from_many_threads_run_on_the_one_loop_thread() -> None:
     with ThreadPoolExecutor(32) as pool:
         got = list(pool.map(lambda i: worker_loop.run_on_loop(where(i)), range(200)))
     assert [i for i, _ in got] == list(range(200))
-    assert {name for _, name in got} == {"actorq-loop"}
+    assert {name for _, name in got} == {worker_loop.LOOP_THREAD_NAME}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel thread names: Linux")
+def test_the_kernel_knows_the_loop_thread_by_its_name() -> None:
+    """``top -H`` and ``ps -L`` show which thread is the loop (the bench splits CPU by it)."""
+    import os
+
+    async def native_id() -> int:
+        return threading.get_native_id()
+
+    tid = worker_loop.run_on_loop(native_id())
+    with open(f"/proc/{os.getpid()}/task/{tid}/comm") as f:
+        assert f.read().strip() == worker_loop.LOOP_THREAD_NAME
 
 
 def test_the_loop_watch_counts_its_threads_cpu_and_how_late_it_ran() -> None:
