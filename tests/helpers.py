@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import redis
 
 from producer import Client, keys
+from producer.aio import stop_task
 
 
 def scripted(reply: str = "one two three four five", **extra: Any) -> dict[str, Any]:
@@ -23,6 +25,30 @@ async def listener_epoch(client: Client, other_than: int | None, timeout: float)
     while client.tail.tracking_epoch in (None, other_than) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     return client.tail.tracking_epoch
+
+
+class SwallowsCancel:
+    """A stand-in for a library that loses a cancellation landing inside one of its
+    calls, as redis-py can: :meth:`call` waits and, cancelled, notes it and returns
+    as if nothing came. ``inside`` is set once a call waits."""
+
+    def __init__(self) -> None:
+        self.inside = asyncio.Event()
+        self.swallowed = 0
+
+    async def call(self, seconds: float = 30.0) -> None:
+        self.inside.set()
+        try:
+            await asyncio.sleep(seconds)
+        except asyncio.CancelledError:
+            self.swallowed += 1
+
+
+async def end_leftover(task: asyncio.Task[Any]) -> None:
+    """Stop ``task`` within a second: one left running must fail its test, not hang
+    the loop's end."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop_task(task), 1)
 
 
 def actorq_keys(r: redis.Redis) -> set[bytes]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -15,7 +14,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from producer import Settings, keys, scripts
-from producer.aio import stop_task
+from tests.helpers import SwallowsCancel, end_leftover
 from worker.supervisor import _RENEW_BATCH, RESTOP_AFTER_S, ActiveJob, Supervisor
 
 #: A running-index deadline an hour from now: renewals move it nearer (to the
@@ -405,19 +404,14 @@ def test_a_supervisor_ends_on_one_cancel_though_a_library_swallowed_it(
     on keeps the loop from ever closing. ``stop`` ends it too."""
     settings = Settings.from_env(stack_env)
     job_id = f"swallow-{uuid.uuid4().hex[:8]}"
-    swallowed: list[bool] = []
+    library = SwallowsCancel()
 
     async def main() -> tuple[bool, bool, bool]:
         r = aioredis.Redis.from_url(settings.redis_url)
         real_mget = r.mget
-        inside = asyncio.Event()
 
         async def mget(names: list[str]) -> Any:
-            inside.set()
-            try:
-                await asyncio.sleep(30)  # the command in flight as the cancel lands
-            except asyncio.CancelledError:
-                swallowed.append(True)  # and it completes as if nothing came
+            await library.call()  # the command in flight as the cancel lands
             return await real_mget(names)
 
         r.mget = mget  # type: ignore[method-assign]
@@ -426,26 +420,25 @@ def test_a_supervisor_ends_on_one_cancel_though_a_library_swallowed_it(
         try:
             ended = []
             for how in ("cancel", "stop"):
-                inside.clear()
+                library.inside.clear()
                 supervisor = Supervisor(r, settings, lambda *_: None, poll_s=0.01, sweep_s=3600)
                 supervisor._jobs[job_id] = ActiveJob(job_id, "owner", idle)  # not due: flags only
                 supervisor.start()
                 runner = supervisor._runner
                 assert runner is not None
                 runners.append(runner)
-                await asyncio.wait_for(inside.wait(), 5)
+                await asyncio.wait_for(library.inside.wait(), 5)
                 if how == "cancel":
                     runner.cancel()
                     await asyncio.wait({runner}, timeout=5)
                 else:
                     await asyncio.wait_for(supervisor.stop(), 5)
                 ended.append(runner.cancelled())
-            return ended[0], ended[1], len(swallowed) == 2
+            return ended[0], ended[1], library.swallowed == 2
         finally:
             idle.cancel()
-            for t in runners:  # one left running must fail this test, not hang the loop's end
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop_task(t), 1)
+            for t in runners:
+                await end_leftover(t)
             await r.aclose()
 
     by_cancel, by_stop, both_swallowed = asyncio.run(main())

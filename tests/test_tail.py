@@ -7,7 +7,6 @@ tests), so each case controls exactly which entries exist and when.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import math
 import uuid
@@ -19,8 +18,8 @@ import redis
 
 from ops.stack import EmbeddedRedis
 from producer import Client, InvalidInput, JobNotFound, JobTimeout, Settings, keys
-from producer.aio import stop_task
 from producer.tail import Tail, _Shard
+from tests.helpers import SwallowsCancel, end_leftover
 
 _made: list[str] = []  # jobs written here directly: deleted after each test
 
@@ -446,15 +445,10 @@ def test_closing_a_tail_ends_a_reader_whose_cancel_a_library_swallowed(
     """redis-py can lose a cancellation that lands inside a command: ``aclose`` must
     still end the reader, not wait on it forever."""
     job_id = _new_job(redis_target.client())
-    inside = asyncio.Event()
-    swallowed: list[bool] = []
+    library = SwallowsCancel()
 
     async def read(self: _Shard, command: bytes, streams: dict[str, str]) -> Any:
-        inside.set()
-        try:
-            await asyncio.sleep(30)  # the read in flight as the cancel lands
-        except asyncio.CancelledError:
-            swallowed.append(True)  # and it returns as if nothing came
+        await library.call()  # the read in flight as the cancel lands
         return None
 
     monkeypatch.setattr(_Shard, "_read", read)
@@ -462,15 +456,14 @@ def test_closing_a_tail_ends_a_reader_whose_cancel_a_library_swallowed(
     async def main() -> bool:
         tail = Tail(redis_target.url)
         async with tail.subscribe(keys.events_key(job_id), "0"):
-            await asyncio.wait_for(inside.wait(), 5)
+            await asyncio.wait_for(library.inside.wait(), 5)
             reader = tail._shards[0].task
             assert reader is not None
             try:
                 await asyncio.wait_for(tail.aclose(), 5)
             finally:
-                with contextlib.suppress(TimeoutError):  # one left running must fail, not hang
-                    await asyncio.wait_for(stop_task(reader), 1)
+                await end_leftover(reader)
         return reader.done()
 
     assert asyncio.run(main())
-    assert swallowed, "the stand-in library did not swallow the cancel"
+    assert library.swallowed, "the stand-in library did not swallow the cancel"
