@@ -284,19 +284,14 @@ class Publisher:
                 metrics.pipeline_acked(time.monotonic() - since)
                 written: list[str] = []  # the kinds written, counted once per pipeline
                 for (ch, entries, kinds, _), result in zip(taken, results, strict=True):
-                    ch.next_seq += len(entries)
-                    if isinstance(result, BaseException):
-                        ch.failed = str(result).strip()
-                        log.error("job %s: Redis refused its entries: %s", ch.job_id, ch.failed)
-                        result = 0
-                    ch.verify = result < 0
-                    if result > 0:
-                        written += kinds[len(kinds) - result :]
-                        ch.published += result
-                    elif result == -1:
-                        ch.lost = True
-                    elif result == -2:
-                        ch.capped = True
+                    n = len(entries)
+                    ch.next_seq += n
+                    if result == n and result.__class__ is int:  # all written, as nearly always
+                        ch.verify = False
+                        written += kinds
+                        ch.published += n
+                    else:
+                        self._settle(ch, kinds, result, written)
                     if ch.stopped:
                         ch.pending.clear()
                         ch.kinds.clear()
@@ -311,6 +306,22 @@ class Publisher:
             self._flusher = None
             if self._dirty or self._calls:  # raced with a publish after the loop's last check
                 self._start_flusher()
+
+    @staticmethod
+    def _settle(ch: JobChannel, kinds: list[str], result: int | ResponseError, written: list[str]) -> None:
+        """What a PUBLISH reply other than "all written" says of ``ch``'s batch."""
+        if isinstance(result, BaseException):
+            ch.failed = str(result).strip()
+            log.error("job %s: Redis refused its entries: %s", ch.job_id, ch.failed)
+            result = 0
+        ch.verify = result < 0
+        if result > 0:
+            written += kinds[len(kinds) - result :]
+            ch.published += result
+        elif result == -1:
+            ch.lost = True
+        elif result == -2:
+            ch.capped = True
 
     def _forget_scripts(self) -> None:
         self._sha_arg = b""
@@ -351,11 +362,13 @@ class Publisher:
             for ch, entries, _, first_seq in group:
                 # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
                 batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
+                seq = b"%d" % first_seq
+                # Packed here rather than by bulk(): this runs for nearly every token.
                 parts += [
                     ch.packed_owner,
-                    bulk(str(first_seq).encode()),
+                    b"$%d\r\n%b\r\n" % (len(seq), seq),
                     _VERIFY if ch.verify else _TRUST,
-                    bulk(batch),
+                    b"$%d\r\n%b\r\n" % (len(batch), batch),
                 ]
         n_publish = len(groups)
         parts += [call.command for call in calls]
@@ -394,9 +407,12 @@ class Publisher:
         # is Redis's state (OOM, READONLY), not the job's: either way all go again.
         error = next((r for r in replies[:n_publish] if isinstance(r, BaseException)), None)
         results = [] if error else [r for reply in replies[:n_publish] for r in reply]
-        error = error or next(
-            (r for r in results if isinstance(r, ResponseError) and transient_reply(r)), None
-        )
+        # Every job's reply a count, as nearly always: nothing to look into one by one.
+        plain = set(map(type, results)) <= {int}
+        if not plain:
+            error = error or next(
+                (r for r in results if isinstance(r, ResponseError) and transient_reply(r)), None
+            )
         if wrong_node or (error is not None and wrong_node_reply(error)):
             # A failover demoted the node this connection reached: every retry on it
             # would fail the same way, so the next pipeline connects afresh.
@@ -405,7 +421,7 @@ class Publisher:
             await self._redis.connection_pool.release(conn)
         if error is not None:
             raise error
-        return [r if isinstance(r, ResponseError) else int(r) for r in results]
+        return results if plain else [r if isinstance(r, ResponseError) else int(r) for r in results]
 
     @staticmethod
     def _pack_channel(ch: JobChannel) -> None:
@@ -422,6 +438,8 @@ _Taken = tuple[JobChannel, list[str], list[str], int]
 def _call_groups(taken: list[_Taken]) -> list[list[_Taken]]:
     """``taken`` cut into PUBLISH calls of at most ``_JOBS_PER_CALL`` jobs and, past
     a call's first job, ``_ENTRIES_PER_CALL`` entries."""
+    if 0 < len(taken) <= _JOBS_PER_CALL and sum(map(len, [t[1] for t in taken])) <= _ENTRIES_PER_CALL:
+        return [taken]  # one call holds them all, as it does but after an outage
     groups: list[list[_Taken]] = []
     group: list[_Taken] = []
     entries = 0
