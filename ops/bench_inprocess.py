@@ -1,12 +1,14 @@
 """``python -m ops.bench_inprocess``: the worker's own CPU per token, without Celery.
 
-One process runs, in turns, the floor (a) of ``actorq bench`` and the worker's
-``JobRunner`` on the same load: each job claimed, run through the scripted model,
-published to an embedded Redis and ended, as in a worker, but handed over by this
-process instead of Celery. The ratio of the two is what target 2 measures less
-Celery's per-job intake and hand-off and less the cores a worker shares with Redis
-and a router. ``--pin`` (Linux) puts this process on one CPU and Redis on another.
-Prints one line per round and the medians; asserts nothing.
+One process runs, in turns, the floor (a) of ``actorq bench``, the same floor with
+every token handed to the worker's ``Publisher``, and the worker's ``JobRunner`` on
+the same load: each job claimed, run through the scripted model, published to an
+embedded Redis and ended, as in a worker, but handed over by this process instead
+of Celery. The runner against the floor is what target 2 measures less Celery's
+per-job intake and hand-off and less the cores a worker shares with Redis and a
+router; the middle column tells publishing from the rest of the runner's work.
+``--pin`` (Linux) puts this process on one CPU and Redis on another. Prints one
+line per round and the medians; asserts nothing.
 """
 
 from __future__ import annotations
@@ -20,9 +22,12 @@ import time
 from typing import Any
 
 from .bench_measure import us_per_token
-from .bench_peers import arrival_offsets, bench_config, run_floor
+from .bench_peers import arrival_offsets, bench_config, bench_model, run_floor
 
-__all__ = ["main", "run_runner"]
+__all__ = ["main", "run_floor_publishing", "run_runner"]
+
+#: The lease holder this process writes the publishing floor's streams as.
+_OWNER = "bench-inprocess"
 
 
 def run_runner(runner: Any, ids: list[str], offsets: list[float], tokens: int) -> float | None:
@@ -41,6 +46,49 @@ def run_runner(runner: Any, ids: list[str], offsets: list[float], tokens: int) -
     cpu0 = time.process_time()
     run_on_loop(main())
     return us_per_token(time.process_time() - cpu0, len(ids) * tokens)
+
+
+def run_floor_publishing(
+    publisher: Any, ids: list[str], offsets: list[float], tokens: int, ttft_ms: float,
+    delay_ms: float,
+) -> float | None:  # fmt: skip
+    """CPU µs per token of the floor's ``astream`` loops with each token handed to
+    ``publisher`` for job ``ids[i]`` (leases held by ``_OWNER``)."""
+    from langchain_core.messages import HumanMessage
+
+    from worker.loop import run_on_loop
+
+    model = bench_model(tokens, ttft_ms, delay_ms)
+
+    async def one(offset: float, job_id: str) -> None:
+        channel = publisher.open(job_id, _OWNER)
+        await asyncio.sleep(offset)
+        async for chunk in model.astream([HumanMessage("bench")]):
+            if chunk.content:
+                publisher.publish_token(channel, chunk.content, "bench")
+        await publisher.drain(channel)
+        if channel.published != tokens:
+            raise RuntimeError(f"job {job_id}: {channel.published} of {tokens} tokens written")
+
+    async def main() -> None:
+        await asyncio.gather(*(one(o, i) for o, i in zip(offsets, ids, strict=True)))
+
+    cpu0 = time.process_time()
+    run_on_loop(main())
+    return us_per_token(time.process_time() - cpu0, len(ids) * tokens)
+
+
+def _new_publisher(settings: Any) -> Any:
+    """The worker's publisher, on its own client of the shared loop."""
+    import redis.asyncio as aioredis
+
+    from worker.loop import run_on_loop
+    from worker.publisher import Publisher
+
+    async def make() -> Any:
+        return Publisher(aioredis.Redis.from_url(settings.redis_url), settings)
+
+    return run_on_loop(make())
 
 
 def _pin(redis_pid: int) -> None:
@@ -66,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.jobs < 1 or a.tokens < 1 or a.rounds < 1:
         p.error("--jobs, --tokens and --rounds must be positive")
 
-    from producer import Client, Settings
+    from producer import Client, Settings, keys
     from producer.crypto import generate_key
     from producer.gctune import freeze_startup_heap, tune_gc
     from worker.jobs import JobRunner
@@ -90,16 +138,25 @@ def main(argv: list[str] | None = None) -> int:
         run_runner(runner, warm, [0.0] * len(warm), 2)
         tune_gc()  # the worker's collector settings, for both
         freeze_startup_heap()
-        floors, runners = [], []
+        publisher = _new_publisher(settings)
+        floors, publishing, runners = [], [], []
         for n in range(1, a.rounds + 1):
             floor = run_floor(a.jobs, a.tokens, a.ttft_ms, a.delay_ms, a.ramp_s)
             floors.append(float(floor["cpu_us_per_token"]))
+            ids = [f"inprocess-{n}-{i}" for i in range(a.jobs)]
+            client.redis.mset({keys.lease_key(i): _OWNER for i in ids})
+            publishing.append(
+                run_floor_publishing(publisher, ids, offsets, a.tokens, a.ttft_ms, a.delay_ms)
+                or 0.0
+            )
             ids = [client.enqueue_actor_job(config, "bench") for _ in range(a.jobs)]
             runners.append(run_runner(runner, ids, offsets, a.tokens) or 0.0)
-            print(f"round {n}: floor {floors[-1]:.1f} us/token, runner {runners[-1]:.1f} "
-                  f"us/token, {runners[-1] / floors[-1]:.2f}x", flush=True)  # fmt: skip
+            print(f"round {n}: floor {floors[-1]:.1f} us/token, floor + publishing "
+                  f"{publishing[-1]:.1f}, runner {runners[-1]:.1f} us/token, "
+                  f"{runners[-1] / floors[-1]:.2f}x", flush=True)  # fmt: skip
         floor_m, runner_m = statistics.median(floors), statistics.median(runners)
-        print(f"median: floor {floor_m:.1f}, runner {runner_m:.1f} us/token, "
+        print(f"median: floor {floor_m:.1f}, floor + publishing "
+              f"{statistics.median(publishing):.1f}, runner {runner_m:.1f} us/token, "
               f"{runner_m / floor_m:.2f}x ({a.jobs} jobs x {a.tokens} tokens, "
               f"{a.delay_ms:g} ms apart{', pinned' if a.pin else ''})")  # fmt: skip
         client.close()

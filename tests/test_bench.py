@@ -235,6 +235,7 @@ def test_the_in_process_comparison_runs_and_prints_its_figures() -> None:
     lines = done.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["round 1", "round 2", "median"]
     assert "x (4 jobs x 5 tokens" in lines[-1]
+    assert all("floor + publishing" in line for line in lines)  # every token written, or it fails
     bad = subprocess.run(
         [*cmd, "--rounds", "0"], cwd=root, capture_output=True, text=True, timeout=60
     )
