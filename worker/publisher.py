@@ -308,7 +308,9 @@ class Publisher:
                 self._start_flusher()
 
     @staticmethod
-    def _settle(ch: JobChannel, kinds: list[str], result: int | ResponseError, written: list[str]) -> None:
+    def _settle(
+        ch: JobChannel, kinds: list[str], result: int | ResponseError, written: list[str]
+    ) -> None:
         """What a PUBLISH reply other than "all written" says of ``ch``'s batch."""
         if isinstance(result, BaseException):
             ch.failed = str(result).strip()
@@ -421,7 +423,9 @@ class Publisher:
             await self._redis.connection_pool.release(conn)
         if error is not None:
             raise error
-        return results if plain else [r if isinstance(r, ResponseError) else int(r) for r in results]
+        return (
+            results if plain else [r if isinstance(r, ResponseError) else int(r) for r in results]
+        )
 
     @staticmethod
     def _pack_channel(ch: JobChannel) -> None:
@@ -438,7 +442,10 @@ _Taken = tuple[JobChannel, list[str], list[str], int]
 def _call_groups(taken: list[_Taken]) -> list[list[_Taken]]:
     """``taken`` cut into PUBLISH calls of at most ``_JOBS_PER_CALL`` jobs and, past
     a call's first job, ``_ENTRIES_PER_CALL`` entries."""
-    if 0 < len(taken) <= _JOBS_PER_CALL and sum(map(len, [t[1] for t in taken])) <= _ENTRIES_PER_CALL:
+    if (
+        0 < len(taken) <= _JOBS_PER_CALL
+        and sum(map(len, [t[1] for t in taken])) <= _ENTRIES_PER_CALL
+    ):
         return [taken]  # one call holds them all, as it does but after an outage
     groups: list[list[_Taken]] = []
     group: list[_Taken] = []
