@@ -426,8 +426,8 @@ def _phase_stream(
             wall = time.monotonic() - started
             sched1 = {k: sched_ns(v) for k, v in parts.items()}
             waits.update({k: cpu_wait(sched0[k], sched1[k], wall) for k in parts})
-            if sched1["worker"]:
-                roles = thread_roles(w.pid, LOOP_THREAD_NAME)
+            roles = thread_roles(w.pid, LOOP_THREAD_NAME)
+            if sched1["worker"] and "loop" in roles.values():  # a kernel that names threads
                 by_thread.update(ran_by_role(sched0["worker"], sched1["worker"], roles))
             other_cpu.update({k: cpu_seconds(v) - others0[k] for k, v in others.items()})
             command_us.update(command_time(commands0, r.info("commandstats")))
