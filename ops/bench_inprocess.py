@@ -19,6 +19,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .bench_measure import us_per_token
@@ -30,15 +31,12 @@ __all__ = ["main", "run_floor_publishing", "run_runner"]
 _OWNER = "bench-inprocess"
 
 
-def run_runner(runner: Any, ids: list[str], offsets: list[float], tokens: int) -> float | None:
-    """CPU µs per token of ``runner`` running the jobs ``ids``, job *i* starting at ``offsets[i]``."""
+def _cpu_per_token(
+    one: Callable[[float, str], Awaitable[None]], ids: list[str], offsets: list[float],
+    tokens: int,
+) -> float | None:  # fmt: skip
+    """CPU µs per token of ``one(offsets[i], ids[i])`` for every job at once, on the shared loop."""
     from worker.loop import run_on_loop
-
-    async def one(offset: float, job_id: str) -> None:
-        await asyncio.sleep(offset)
-        outcome = await runner.run(job_id)
-        if outcome != "succeeded":
-            raise RuntimeError(f"job {job_id} ended {outcome}")
 
     async def main() -> None:
         await asyncio.gather(*(one(o, i) for o, i in zip(offsets, ids, strict=True)))
@@ -48,6 +46,18 @@ def run_runner(runner: Any, ids: list[str], offsets: list[float], tokens: int) -
     return us_per_token(time.process_time() - cpu0, len(ids) * tokens)
 
 
+def run_runner(runner: Any, ids: list[str], offsets: list[float], tokens: int) -> float | None:
+    """CPU µs per token of ``runner`` running the jobs ``ids``, job *i* starting at ``offsets[i]``."""
+
+    async def one(offset: float, job_id: str) -> None:
+        await asyncio.sleep(offset)
+        outcome = await runner.run(job_id)
+        if outcome != "succeeded":
+            raise RuntimeError(f"job {job_id} ended {outcome}")
+
+    return _cpu_per_token(one, ids, offsets, tokens)
+
+
 def run_floor_publishing(
     publisher: Any, ids: list[str], offsets: list[float], tokens: int, ttft_ms: float,
     delay_ms: float,
@@ -55,8 +65,6 @@ def run_floor_publishing(
     """CPU µs per token of the floor's ``astream`` loops with each token handed to
     ``publisher`` for job ``ids[i]`` (leases held by ``_OWNER``)."""
     from langchain_core.messages import HumanMessage
-
-    from worker.loop import run_on_loop
 
     model = bench_model(tokens, ttft_ms, delay_ms)
 
@@ -70,12 +78,7 @@ def run_floor_publishing(
         if channel.published != tokens:
             raise RuntimeError(f"job {job_id}: {channel.published} of {tokens} tokens written")
 
-    async def main() -> None:
-        await asyncio.gather(*(one(o, i) for o, i in zip(offsets, ids, strict=True)))
-
-    cpu0 = time.process_time()
-    run_on_loop(main())
-    return us_per_token(time.process_time() - cpu0, len(ids) * tokens)
+    return _cpu_per_token(one, ids, offsets, tokens)
 
 
 def _new_publisher(settings: Any) -> Any:
@@ -143,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in range(1, a.rounds + 1):
             floor = run_floor(a.jobs, a.tokens, a.ttft_ms, a.delay_ms, a.ramp_s)
             floors.append(float(floor["cpu_us_per_token"]))
-            ids = [f"inprocess-{n}-{i}" for i in range(a.jobs)]
-            client.redis.mset({keys.lease_key(i): _OWNER for i in ids})
+            leased = [f"inprocess-{n}-{i}" for i in range(a.jobs)]
+            client.redis.mset({keys.lease_key(i): _OWNER for i in leased})
             publishing.append(
-                run_floor_publishing(publisher, ids, offsets, a.tokens, a.ttft_ms, a.delay_ms)
+                run_floor_publishing(publisher, leased, offsets, a.tokens, a.ttft_ms, a.delay_ms)
                 or 0.0
             )
             ids = [client.enqueue_actor_job(config, "bench") for _ in range(a.jobs)]
