@@ -49,6 +49,9 @@ log = logging.getLogger("actorq.publisher")
 _JOBS_PER_CALL = 64
 _ENTRIES_PER_CALL = 512
 _VERIFY, _TRUST = bulk(b"1"), bulk(b"0")
+#: A job's PUBLISH arguments: its owner (packed), seq, verify flag (packed) and batch,
+#: the JSON array of its entries.
+_JOB_ARGS = b"%b$%d\r\n%d\r\n%b$%d\r\n[%b]\r\n"
 
 
 @dataclass(eq=False)
@@ -80,10 +83,9 @@ class JobChannel:
     # Made only when someone drains a channel with entries still pending: a job
     # drains once, at its end, while its tokens come and go hundreds of times.
     drained: asyncio.Future[None] | None = None
-
-    @property
-    def stopped(self) -> bool:
-        return self.lost or self.capped or self.failed is not None
+    # Lost, capped or failed: nothing more of this attempt is written. Stored, not
+    # derived, as every token reads it.
+    stopped: bool = False
 
 
 @dataclass(eq=False)
@@ -250,14 +252,14 @@ class Publisher:
                 if wait > 0:
                     await asyncio.sleep(wait)
                 self._last_send = loop.time()
-                batch = list(self._dirty)
-                self._dirty.clear()
+                batch, self._dirty = self._dirty, {}
                 # A call whose caller stopped waiting is not sent.
                 calls = [call for call in self._calls if not call.reply.done()]
                 self._calls = []
                 since, self._dirty_since = self._dirty_since, time.monotonic()
-                taken = [(ch, ch.pending, ch.kinds, ch.next_seq) for ch in batch]
+                taken: list[_Taken] = []
                 for ch in batch:
+                    taken.append((ch, ch.pending, ch.kinds, ch.next_seq))
                     ch.pending, ch.kinds = [], []
                 try:
                     results = await self._send(taken, calls)
@@ -324,6 +326,7 @@ class Publisher:
             ch.lost = True
         elif result == -2:
             ch.capped = True
+        ch.stopped = ch.lost or ch.capped or ch.failed is not None
 
     def _forget_scripts(self) -> None:
         self._sha_arg = b""
@@ -363,15 +366,22 @@ class Publisher:
             parts.append(self._args)
             for ch, entries, _, first_seq in group:
                 # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
-                batch = ("[" + ",".join(entries) + "]").encode("utf-8", "replace")
-                seq = b"%d" % first_seq
-                # Packed here rather than by bulk(): this runs for nearly every token.
-                parts += [
-                    ch.packed_owner,
-                    b"$%d\r\n%b\r\n" % (len(seq), seq),
-                    _VERIFY if ch.verify else _TRUST,
-                    b"$%d\r\n%b\r\n" % (len(batch), batch),
-                ]
+                batch = (entries[0] if len(entries) == 1 else ",".join(entries)).encode(
+                    "utf-8", "replace"
+                )
+                # The job's owner, seq, verify flag and batch in one format: this runs
+                # for nearly every token, and each bytes format costs ~0.3 us.
+                parts.append(
+                    _JOB_ARGS
+                    % (
+                        ch.packed_owner,
+                        len(str(first_seq)),
+                        first_seq,
+                        _VERIFY if ch.verify else _TRUST,
+                        len(batch) + 2,
+                        batch,
+                    )
+                )
         n_publish = len(groups)
         parts += [call.command for call in calls]
         conn, read = self._conn, self._read_reply
