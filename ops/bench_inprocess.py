@@ -7,6 +7,8 @@ embedded Redis and ended, as in a worker, but handed over by this process instea
 of Celery. The runner against the floor is what target 2 measures less Celery's
 per-job intake and hand-off and less the cores a worker shares with Redis and a
 router; the middle column tells publishing from the rest of the runner's work.
+Each round also counts the publisher's pipelines (round trips to Redis) in the
+middle column and the runner's, and the medians say how many tokens each carried.
 ``--pin`` (Linux) puts this process on one CPU and Redis on another. Prints one
 line per round and the medians; asserts nothing.
 """
@@ -81,6 +83,13 @@ def run_floor_publishing(
     return _cpu_per_token(one, ids, offsets, tokens)
 
 
+def _pipelines() -> float:
+    """Pipelines this process's publishers have had acknowledged (their metric's count)."""
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("actorq_publish_lag_seconds_count") or 0.0
+
+
 def _new_publisher(settings: Any) -> Any:
     """The worker's publisher, on its own client of the shared loop."""
     import redis.asyncio as aioredis
@@ -143,25 +152,35 @@ def main(argv: list[str] | None = None) -> int:
         freeze_startup_heap()
         publisher = _new_publisher(settings)
         floors, publishing, runners = [], [], []
+        carried: tuple[list[float], list[float]] = ([], [])  # tokens a pipeline: publishing, runner
         for n in range(1, a.rounds + 1):
             floor = run_floor(a.jobs, a.tokens, a.ttft_ms, a.delay_ms, a.ramp_s)
             floors.append(float(floor["cpu_us_per_token"]))
             leased = [f"inprocess-{n}-{i}" for i in range(a.jobs)]
             client.redis.mset({keys.lease_key(i): _OWNER for i in leased})
+            sent = _pipelines()
             publishing.append(
                 run_floor_publishing(publisher, leased, offsets, a.tokens, a.ttft_ms, a.delay_ms)
                 or 0.0
             )
             ids = [client.enqueue_actor_job(config, "bench") for _ in range(a.jobs)]
+            between = _pipelines()
             runners.append(run_runner(runner, ids, offsets, a.tokens) or 0.0)
+            pipes = (between - sent, _pipelines() - between)
+            # The runner's pipelines also carry each job's claim, start entry and ending.
+            for into, count in zip(carried, pipes, strict=True):
+                into.append(a.jobs * a.tokens / count if count else 0.0)
             print(f"round {n}: floor {floors[-1]:.1f} us/token, floor + publishing "
                   f"{publishing[-1]:.1f}, runner {runners[-1]:.1f} us/token, "
-                  f"{runners[-1] / floors[-1]:.2f}x", flush=True)  # fmt: skip
+                  f"{runners[-1] / floors[-1]:.2f}x; pipelines {pipes[0]:,.0f} / "
+                  f"{pipes[1]:,.0f}", flush=True)  # fmt: skip
         floor_m, runner_m = statistics.median(floors), statistics.median(runners)
         print(f"median: floor {floor_m:.1f}, floor + publishing "
               f"{statistics.median(publishing):.1f}, runner {runner_m:.1f} us/token, "
               f"{runner_m / floor_m:.2f}x ({a.jobs} jobs x {a.tokens} tokens, "
-              f"{a.delay_ms:g} ms apart{', pinned' if a.pin else ''})")  # fmt: skip
+              f"{a.delay_ms:g} ms apart{', pinned' if a.pin else ''}); "
+              f"tokens a pipeline {statistics.median(carried[0]):.1f} / "
+              f"{statistics.median(carried[1]):.1f}")  # fmt: skip
         client.close()
     finally:
         redis.cleanup()

@@ -236,6 +236,10 @@ def test_the_in_process_comparison_runs_and_prints_its_figures() -> None:
     assert [line.split(":")[0] for line in lines] == ["round 1", "round 2", "median"]
     assert "x (4 jobs x 5 tokens" in lines[-1]
     assert all("floor + publishing" in line for line in lines)  # every token written, or it fails
+    for line in lines[:-1]:  # the publisher's round trips, read from its metric, in both
+        published, ran = line.split("pipelines ")[1].split(" / ")
+        assert int(published) > 0 and int(ran) > 0, line
+    assert "tokens a pipeline" in lines[-1]
     bad = subprocess.run(
         [*cmd, "--rounds", "0"], cwd=root, capture_output=True, text=True, timeout=60
     )
