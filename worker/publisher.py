@@ -366,9 +366,7 @@ class Publisher:
             parts.append(self._args)
             for ch, entries, _, first_seq in group:
                 # "replace": a lone surrogate (a model can send one) has no UTF-8 form.
-                batch = (entries[0] if len(entries) == 1 else ",".join(entries)).encode(
-                    "utf-8", "replace"
-                )
+                batch = ",".join(entries).encode("utf-8", "replace")
                 # The job's owner, seq, verify flag and batch in one format: this runs
                 # for nearly every token, and each bytes format costs ~0.3 us.
                 parts.append(
