@@ -11,17 +11,23 @@ import os
 from kombu import Queue
 
 from producer import broker
-from producer.settings import DEFAULT_REDIS_URL, broker_ssl_options, env_flag, env_number
+from producer.settings import (
+    broker_ssl_options,
+    broker_url_from_env,
+    env_flag,
+    env_number,
+)
 from producer.settings import broker_transport_options as _transport_options_for
 
 #: ``redis://`` brokers use kombu's Redis transport with one client per channel.
 broker.install()
 
-_redis_url = os.environ.get("REDIS_URL") or DEFAULT_REDIS_URL
-
 #: Broker: Redis by default (the same server as the streams); RabbitMQ with
 #: ``CELERY_BROKER_URL=amqp://...``. Streams and records always live in REDIS_URL.
-broker_url = os.environ.get("CELERY_BROKER_URL") or _redis_url
+#: A ``unix://`` socket URL is put in kombu's spelling; Celery prefers the variable
+#: ``CELERY_BROKER_URL`` to ``broker_url``, but not to the read and write URLs.
+broker_url = broker_url_from_env(os.environ)
+broker_read_url = broker_write_url = broker_url
 #: TLS for a ``rediss://`` broker: the same ``ACTORQ_REDIS_SSL_*`` options as the
 #: stream store, verifying the server certificate by default.
 broker_use_ssl = broker_ssl_options(broker_url, os.environ)

@@ -13,11 +13,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .stack import EmbeddedRedis, WorkerProcess
 
-__all__ = ["local_stack", "redis_cli_path"]
+__all__ = ["local_stack", "redis_cli_command", "redis_cli_path"]
 
 
 def redis_cli_path() -> str:
@@ -124,6 +124,26 @@ def demo_config(prompt: str, delay_ms: float) -> dict[str, object]:
     }
 
 
+def redis_cli_command(url: str) -> list[str]:
+    """``redis-cli`` and the options that reach the Redis of ``url`` (TCP or Unix socket)."""
+    where = urlsplit(url)
+    cli = [redis_cli_path()]
+    if where.scheme == "unix":
+        cli += ["-s", unquote(where.path)]
+        db = parse_qs(where.query).get("db", ["0"])[-1]
+    else:
+        cli += ["-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379)]
+        db = where.path.strip("/") or "0"
+    if db != "0":
+        cli += ["-n", db]
+    if where.password:
+        cli += ["--user", unquote(where.username)] if where.username else []
+        cli += ["--pass", unquote(where.password)]
+    if where.scheme == "rediss":
+        cli.append("--tls")
+    return cli
+
+
 def run_demo(prompt: str, *, delay_ms: float, config: dict[str, object] | None = None) -> int:
     import producer
 
@@ -131,13 +151,7 @@ def run_demo(prompt: str, *, delay_ms: float, config: dict[str, object] | None =
         client = producer.Client(producer.Settings.from_env())
         cfg = config or demo_config(prompt, delay_ms)
         job_id = client.enqueue_actor_job(cfg, prompt)
-        where = urlsplit(env["REDIS_URL"])
-        cli = [redis_cli_path(), "-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379)]
-        if where.password:
-            cli += ["--user", where.username] if where.username else []
-            cli += ["--pass", unquote(where.password)]
-        if where.scheme == "rediss":
-            cli.append("--tls")
+        cli = redis_cli_command(env["REDIS_URL"])
         print(f"job {job_id} enqueued; tail it from another terminal with:", file=sys.stderr)
         print(
             f"  {shlex.join(cli)} XREAD BLOCK 0 STREAMS 'actorq:job:{{{job_id}}}:events' 0",

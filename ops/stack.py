@@ -16,6 +16,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 __all__ = [
     "STREAM_NODE_MAX_ENTRIES",
@@ -81,12 +82,23 @@ class EmbeddedRedis:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_ca_file: Path | None = None
+    #: Also listen on a Unix socket in ``dir`` (see :attr:`socket_url`).
+    unix_socket: bool = False
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
         scheme = "rediss" if self.tls_cert_file else "redis"
         return f"{scheme}://{auth}127.0.0.1:{self.port}/0"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.dir / "redis.sock"
+
+    def socket_url(self, db: int = 0) -> str:
+        """The ``unix://`` URL of database ``db`` (``unix_socket`` must be set)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"unix://{auth}{self.socket_path}?db={db}"
 
     def _tls_args(self) -> list[str]:
         if not self.tls_cert_file:
@@ -138,6 +150,8 @@ class EmbeddedRedis:
         ]
         if self.password:
             args += ["--requirepass", self.password]
+        if self.unix_socket:
+            args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         import redis

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -13,6 +14,7 @@ __all__ = [
     "Settings",
     "broker_ssl_options",
     "broker_transport_options",
+    "broker_url_from_env",
     "env_flag",
     "env_number",
     "redis_tls_options",
@@ -79,6 +81,39 @@ def redis_tls_options(env: Mapping[str, str]) -> dict[str, Any]:
     return {name: env[var] for name, var in _TLS_VARS if env.get(var)}
 
 
+def broker_url_from_env(env: Mapping[str, str]) -> str:
+    """Celery's broker: ``CELERY_BROKER_URL``, else ``REDIS_URL``, in kombu's spelling."""
+    given = env.get("CELERY_BROKER_URL")
+    url = given or env.get("REDIS_URL") or DEFAULT_REDIS_URL
+    return _kombu_url(url, "CELERY_BROKER_URL" if given else "REDIS_URL")
+
+
+def _kombu_url(url: str, name: str) -> str:
+    """``url`` as Celery's broker takes it: a Redis Unix socket in kombu's spelling.
+
+    redis-py (``REDIS_URL``) names a socket ``unix://[:password@]/path[?db=N]``;
+    kombu knows no ``unix`` transport (it raised ``KeyError`` on the first send)
+    and reads the database of a socket from ``virtual_host``, not ``db``. Other
+    URLs pass as they are. ``name``: the variable to name in a ``ValueError``.
+    """
+    if not url.lower().startswith("unix://"):
+        return url
+    parts = urllib.parse.urlsplit(url)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    extra = sorted(set(query) - {"db"})
+    if extra:
+        raise ValueError(
+            f"{name}: a unix:// broker URL takes only the query parameter db, got {extra[0]!r}"
+        )
+    db = query.get("db", ["0"])[-1]
+    if not db.isdigit():
+        raise ValueError(f"{name}: db must be a database number, got {db!r}")
+    if not parts.path:
+        raise ValueError(f"{name}: a unix:// URL needs the socket's path")
+    auth = parts.netloc.rpartition("@")[0]
+    return f"redis+socket://{auth + '@' if auth else ''}{parts.path}?virtual_host={db}"
+
+
 def broker_ssl_options(broker_url: str, env: Mapping[str, str]) -> dict[str, Any] | None:
     """Celery's ``broker_use_ssl`` for a ``rediss://`` broker, else ``None``.
 
@@ -106,7 +141,7 @@ def broker_transport_options(broker_url: str, env: Mapping[str, str]) -> dict[st
     - socket options: a broker that vanishes without closing the TCP connection
       (failover, NAT timeout) is noticed instead of hanging a publish forever.
     """
-    if not broker_url.lower().startswith(("redis://", "rediss://", "unix://")):
+    if not broker_url.lower().startswith(("redis://", "rediss://", "unix://", "redis+socket://")):
         return {}
     return {
         "visibility_timeout": env_number("ACTORQ_VISIBILITY_TIMEOUT_S", 25 * 3600, int, env),
@@ -142,7 +177,7 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         e = dict(os.environ if env is None else env)
         keys = tuple(k.strip() for k in e.get("ACTORQ_SECRET_KEY", "").split(",") if k.strip())
-        broker_url = e.get("CELERY_BROKER_URL") or e.get("REDIS_URL") or DEFAULT_REDIS_URL
+        broker_url = broker_url_from_env(e)
         return cls(
             redis_url=e.get("REDIS_URL") or DEFAULT_REDIS_URL,
             broker_url=broker_url,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import celeryconfig  # noqa: F401  (installs the transport, as every actorq app 
 from producer import Client, Settings
 from producer.broker import Channel, QoS, Transport
 from producer.client import celery_app
+from producer.settings import broker_url_from_env
 from tests.conftest import RedisTarget
 from tests.helpers import UNACKED, UNACKED_INDEX, queue_length, scripted
 
@@ -23,6 +25,45 @@ def test_redis_urls_get_the_shared_client_transport() -> None:
     assert not isinstance(Connection("rediss://127.0.0.1:6380/0").transport, Transport)
     amqp = Connection("amqp://guest:guest@127.0.0.1:5672//")
     assert not isinstance(amqp.transport, Transport)
+
+
+UNIX_URLS = [
+    ({"REDIS_URL": "unix:///run/redis.sock"}, "redis+socket:///run/redis.sock?virtual_host=0"),
+    (
+        {"REDIS_URL": "unix://:p%20w@/run/redis.sock?db=3"},
+        "redis+socket://:p%20w@/run/redis.sock?virtual_host=3",
+    ),
+    (
+        {"REDIS_URL": "redis://127.0.0.1:6379/0", "CELERY_BROKER_URL": "unix:///s.sock?db=1"},
+        "redis+socket:///s.sock?virtual_host=1",
+    ),
+    ({"REDIS_URL": "redis://h:6379/4"}, "redis://h:6379/4"),
+    ({"CELERY_BROKER_URL": "amqp://guest@h//"}, "amqp://guest@h//"),
+]
+
+
+@pytest.mark.parametrize(("env", "want"), UNIX_URLS, ids=[w for _, w in UNIX_URLS])
+def test_a_unix_socket_url_reaches_the_broker_in_kombus_spelling(
+    env: dict[str, str], want: str
+) -> None:
+    assert broker_url_from_env(env) == want
+    assert Settings.from_env(env).broker_url == want
+    # That kombu reads them so (socket, password, database): test_local_stack's demo on one.
+
+
+BAD_UNIX_URLS = [
+    ({"REDIS_URL": "unix:///s.sock?db=x"}, "REDIS_URL: db must be a database number"),
+    ({"REDIS_URL": "unix:///s.sock?socket_timeout=5"}, "REDIS_URL: a unix:// broker URL takes"),
+    ({"CELERY_BROKER_URL": "unix://"}, "CELERY_BROKER_URL: a unix:// URL needs the socket's path"),
+]
+
+
+@pytest.mark.parametrize(("env", "message"), BAD_UNIX_URLS, ids=[m for _, m in BAD_UNIX_URLS])
+def test_a_unix_socket_url_the_broker_cannot_take_is_refused_naming_its_variable(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings.from_env(env)
 
 
 def test_messages_round_trip_and_the_channel_keeps_one_client(redis_target: RedisTarget) -> None:
@@ -148,8 +189,11 @@ def test_a_client_sends_to_its_settings_broker_whatever_the_environment_names(
     try:
         job_id = client.enqueue_actor_job(scripted("x"), "go")
         assert queue_length(r, queue) == 1  # on the settings' Redis, not the environment's broker
-        assert celery_app("actorq-check", settings).connection_for_write().as_uri().startswith(
-            "redis://"
+        assert (
+            celery_app("actorq-check", settings)
+            .connection_for_write()
+            .as_uri()
+            .startswith("redis://")
         )
     finally:
         if job_id:

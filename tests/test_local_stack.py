@@ -185,3 +185,38 @@ def test_demo_on_a_redis_with_a_password_prints_a_working_tail_command() -> None
         assert "--pass 's3cret pw'" in done.stderr, done.stderr
     finally:
         server.cleanup()
+
+
+@pytest.mark.parametrize("broker_var", [False, True], ids=["REDIS_URL", "CELERY_BROKER_URL too"])
+def test_a_job_runs_end_to_end_over_a_unix_socket_in_the_database_the_url_names(
+    broker_var: bool,
+) -> None:
+    """REDIS_URL=unix://... serves the client, the broker and the worker alike (Celery
+    prefers the variable CELERY_BROKER_URL, as given, to its configured broker URL)."""
+    from ops.stack import EmbeddedRedis
+    from producer import keys
+
+    server = EmbeddedRedis(password="s3cret pw", unix_socket=True).start()
+    try:
+        url = server.socket_url(db=2)
+        env = {**_env_without_redis(), "REDIS_URL": url}
+        if broker_var:
+            env["CELERY_BROKER_URL"] = url
+        done = subprocess.run(
+            [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert '"status": "succeeded"' in done.stdout, done.stdout
+        assert f"-s {server.socket_path} -n 2 --pass 's3cret pw'" in done.stderr, done.stderr
+        in_db2 = redis.Redis.from_url(url)
+        in_db0 = redis.Redis.from_url(server.socket_url(db=0))
+        try:
+            (job_id,) = re.findall(r"job (\S+) enqueued", done.stderr)
+            assert in_db2.exists(keys.job_key(job_id))  # the record
+            assert in_db0.dbsize() == 0  # the queue and the broker's keys too
+        finally:
+            in_db2.close()
+            in_db0.close()
+    finally:
+        server.cleanup()

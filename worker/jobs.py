@@ -107,8 +107,7 @@ class JobRunner:
             health_check_interval=30,
             # A Redis that vanishes without closing the socket must not hang a job.
             socket_timeout=10,
-            socket_connect_timeout=5,
-            socket_keepalive=True,
+            socket_connect_timeout=5,  # TCP keepalive is redis-py's default (a Unix socket has none)
             **settings.redis_options,
         )
         self.redis = aioredis.Redis(connection_pool=pool)
