@@ -12,8 +12,7 @@ from kombu import Queue
 
 from producer import broker
 from producer.settings import (
-    broker_ssl_options,
-    broker_url_from_env,
+    broker_from_env,
     env_flag,
     env_number,
 )
@@ -24,13 +23,13 @@ broker.install()
 
 #: Broker: Redis by default (the same server as the streams); RabbitMQ with
 #: ``CELERY_BROKER_URL=amqp://...``. Streams and records always live in REDIS_URL.
-#: A ``unix://`` socket URL is put in kombu's spelling; Celery prefers the variable
-#: ``CELERY_BROKER_URL`` to ``broker_url``, but not to the read and write URLs.
-broker_url = broker_url_from_env(os.environ)
-broker_read_url = broker_write_url = broker_url
+#: A Redis URL is put in the form kombu takes (``kombu_broker_url``); Celery prefers
+#: the variable ``CELERY_BROKER_URL`` to ``broker_url``, but not to the read and
+#: write URLs.
 #: TLS for a ``rediss://`` broker: the same ``ACTORQ_REDIS_SSL_*`` options as the
 #: stream store, verifying the server certificate by default.
-broker_use_ssl = broker_ssl_options(broker_url, os.environ)
+broker_url, broker_use_ssl = broker_from_env(os.environ)
+broker_read_url = broker_write_url = broker_url
 #: A worker started before its broker waits for it instead of exiting.
 broker_connection_retry_on_startup = True
 #: Keep retrying a lost broker rather than exiting: in-flight jobs keep streaming.

@@ -130,10 +130,11 @@ def redis_cli_command(url: str) -> list[str]:
     cli = [redis_cli_path()]
     if where.scheme == "unix":
         cli += ["-s", unquote(where.path)]
-        db = parse_qs(where.query).get("db", ["0"])[-1]
+        in_path = ""
     else:
         cli += ["-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379)]
-        db = where.path.strip("/") or "0"
+        in_path = where.path.strip("/")
+    db = parse_qs(where.query).get("db", [in_path])[-1] or "0"  # as redis-py reads it
     if db != "0":
         cli += ["-n", db]
     if where.password:

@@ -243,7 +243,9 @@ class WorkerProcess:
         from producer.client import celery_app
         from producer.settings import Settings
 
-        app = celery_app("actorq-ping", Settings.from_env({"REDIS_URL": redis_url, **self.env}))
+        # The worker's whole environment: its broker may be CELERY_BROKER_URL's, with TLS.
+        env = {**os.environ, "REDIS_URL": redis_url, **self.env}
+        app = celery_app("actorq-ping", Settings.from_env(env))
         deadline = time.monotonic() + timeout
         try:
             while time.monotonic() < deadline:

@@ -562,7 +562,10 @@ def _before(entry_id: str) -> str:
 
 
 def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
-    """The entries of a one-stream XREAD reply."""
+    """The entries of a one-stream XREAD reply: a list of ``[stream, entries]`` pairs
+    on RESP2, a map of stream to entries on RESP3 (``REDIS_URL=...?protocol=3``)."""
+    if isinstance(reply, dict):
+        return list(next(iter(reply.values()))[0])  # redis-py wraps its entries in a list
     return list(reply[0][1])
 
 

@@ -12,11 +12,12 @@ from typing import Any, TypeVar
 __all__ = [
     "DEFAULT_REDIS_URL",
     "Settings",
+    "broker_from_env",
     "broker_ssl_options",
     "broker_transport_options",
-    "broker_url_from_env",
     "env_flag",
     "env_number",
+    "kombu_broker_url",
     "redis_tls_options",
 ]
 
@@ -81,49 +82,65 @@ def redis_tls_options(env: Mapping[str, str]) -> dict[str, Any]:
     return {name: env[var] for name, var in _TLS_VARS if env.get(var)}
 
 
-def broker_url_from_env(env: Mapping[str, str]) -> str:
-    """Celery's broker: ``CELERY_BROKER_URL``, else ``REDIS_URL``, in kombu's spelling."""
+def broker_from_env(env: Mapping[str, str]) -> tuple[str, dict[str, Any] | None]:
+    """Celery's broker URL and ``broker_use_ssl``: ``CELERY_BROKER_URL``, else ``REDIS_URL``.
+
+    The URL is put in the form kombu takes (see :func:`kombu_broker_url`); the TLS
+    options are those of :func:`broker_ssl_options`.
+    """
     given = env.get("CELERY_BROKER_URL")
     url = given or env.get("REDIS_URL") or DEFAULT_REDIS_URL
-    return _kombu_url(url, "CELERY_BROKER_URL" if given else "REDIS_URL")
+    name = "CELERY_BROKER_URL" if given else "REDIS_URL"
+    return kombu_broker_url(url, name), broker_ssl_options(url, env)
 
 
-def _kombu_url(url: str, name: str) -> str:
-    """``url`` as Celery's broker takes it: a Redis Unix socket in kombu's spelling.
-
-    redis-py (``REDIS_URL``) names a socket ``unix://[:password@]/path[?db=N]``;
-    kombu knows no ``unix`` transport (it raised ``KeyError`` on the first send)
-    and reads the database of a socket from ``virtual_host``, not ``db``. Other
-    URLs pass as they are. ``name``: the variable to name in a ``ValueError``.
-    """
-    if not url.lower().startswith("unix://"):
-        return url
+def _redis_query(url: str) -> tuple[urllib.parse.SplitResult, dict[str, str]]:
     parts = urllib.parse.urlsplit(url)
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
-    extra = sorted(set(query) - {"db"})
-    if extra:
-        raise ValueError(
-            f"{name}: a unix:// broker URL takes only the query parameter db, got {extra[0]!r}"
-        )
-    db = query.get("db", ["0"])[-1]
-    if not db.isdigit():
+    return parts, dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+
+
+def kombu_broker_url(url: str, name: str = "CELERY_BROKER_URL") -> str:
+    """A Redis URL as the broker takes it; other brokers' URLs pass as they are.
+
+    A ``REDIS_URL`` may carry redis-py's options in its query (``socket_timeout``,
+    ``protocol``, ``db``...): kombu hands them to its own connection class, which
+    refused them (``TypeError``: no enqueue, no worker), and takes a URL's
+    ``ssl_*`` options over ``broker_use_ssl`` whole. The broker keeps the host,
+    credentials and database (a query's ``db`` moved into the path) and has its
+    timeouts from :func:`broker_transport_options`; ``ssl_*`` go to
+    :func:`broker_ssl_options`. A Unix socket (``unix://[:password@]/path[?db=N]``,
+    redis-py's spelling, which kombu does not know) becomes kombu's
+    ``redis+socket:///path?virtual_host=N``. ``name``: the variable a
+    ``ValueError`` names.
+    """
+    scheme = url.partition("://")[0].lower()
+    if scheme not in ("redis", "rediss", "unix"):
+        return url
+    parts, query = _redis_query(url)
+    db = query.get("db", "")
+    if db and not db.isdigit():
         raise ValueError(f"{name}: db must be a database number, got {db!r}")
-    if not parts.path:
-        raise ValueError(f"{name}: a unix:// URL needs the socket's path")
-    auth = parts.netloc.rpartition("@")[0]
-    return f"redis+socket://{auth + '@' if auth else ''}{parts.path}?virtual_host={db}"
+    if scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"{name}: a unix:// URL needs the socket's path")
+        auth = parts.netloc.rpartition("@")[0]
+        return f"redis+socket://{auth + '@' if auth else ''}{parts.path}?virtual_host={db or 0}"
+    path = f"/{db}" if db else parts.path if parts.path.strip("/") else "/0"  # as redis-py
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def broker_ssl_options(broker_url: str, env: Mapping[str, str]) -> dict[str, Any] | None:
     """Celery's ``broker_use_ssl`` for a ``rediss://`` broker, else ``None``.
 
-    The same options as the stream store, and the server certificate is verified
-    unless ``ACTORQ_REDIS_SSL_CERT_REQS`` says otherwise: kombu on its own would
-    connect to ``rediss://`` without verifying anything.
+    The same options as the stream store (``ACTORQ_REDIS_SSL_*``, then the URL's
+    own ``ssl_*`` query options, as redis-py would take them), and the server
+    certificate is verified unless one of them says otherwise: kombu on its own
+    would connect to ``rediss://`` without verifying anything.
     """
     if not broker_url.lower().startswith("rediss://"):
         return None
-    return {"ssl_cert_reqs": "required", **redis_tls_options(env)}
+    in_url = {k: v for k, v in _redis_query(broker_url)[1].items() if k.startswith("ssl_")}
+    return {"ssl_cert_reqs": "required", **redis_tls_options(env), **in_url}
 
 
 def broker_transport_options(broker_url: str, env: Mapping[str, str]) -> dict[str, Any]:
@@ -177,9 +194,10 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         e = dict(os.environ if env is None else env)
         keys = tuple(k.strip() for k in e.get("ACTORQ_SECRET_KEY", "").split(",") if k.strip())
-        broker_url = broker_url_from_env(e)
+        broker_url, broker_ssl = broker_from_env(e)
+        redis_url = e.get("REDIS_URL") or DEFAULT_REDIS_URL
         return cls(
-            redis_url=e.get("REDIS_URL") or DEFAULT_REDIS_URL,
+            redis_url=redis_url,
             broker_url=broker_url,
             queue=e.get("ACTORQ_QUEUE") or "actorq",
             retention_s=env_number("ACTORQ_RETENTION_S", 86_400, int, e, low=1),
@@ -191,6 +209,7 @@ class Settings:
             tail_connections=max(2, env_number("ACTORQ_TAIL_CONNECTIONS", 4, int, e, low=1)),
             tail_tracking=env_flag("ACTORQ_TAIL_TRACKING", True, e),
             secret_keys=keys,
-            redis_options=redis_tls_options(e),
-            broker_ssl=broker_ssl_options(broker_url, e),
+            # TLS options on a plain connection are a TypeError on its first command.
+            redis_options=redis_tls_options(e) if redis_url.lower().startswith("rediss://") else {},
+            broker_ssl=broker_ssl,
         )

@@ -33,7 +33,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoPermissionError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .aio import raise_if_cancelling, stop_task
@@ -204,7 +204,16 @@ class _Shard:
                 if await self.tail.redis.client_unblock(self.client_id):
                     return
                 await asyncio.sleep(0.001)  # the read is not blocked yet: try again
-        except Exception as exc:  # the reader's own timeout still picks the change up
+        except NoPermissionError as exc:  # the reader's own timeout still picks the change up
+            if not self.tail.unblock_refused:
+                self.tail.unblock_refused = True
+                log.warning(
+                    "Redis refused CLIENT UNBLOCK (%s): a new tail waits for its reader's "
+                    "BLOCK (up to %d ms) while key tracking is off; grant +client|unblock",
+                    exc,
+                    _BLOCK_MS,
+                )
+        except Exception as exc:
             log.debug("could not wake a tail reader: %s", exc)
         finally:
             self.waking = False
@@ -482,12 +491,16 @@ class Tail:
         self._listener_idle: asyncio.TimerHandle | None = None
         self._listener_pool: aioredis.BlockingConnectionPool | None = None
         self._stopping: set[asyncio.Task[None]] = set()
+        #: CLIENT UNBLOCK was refused (an ACL without it): said once, in the log.
+        self.unblock_refused = False
         if tracked:
             # RESP2 on the listener's own connection: invalidations come as Pub/Sub
             # messages it reads itself (RESP3 pushes would go to redis-py's handlers).
             listener_pool = aioredis.BlockingConnectionPool.from_url(
-                redis_url, max_connections=1, **{**options, "protocol": 2}
+                redis_url, max_connections=1, **options
             )
+            # Set after: a URL's own ``?protocol=3`` takes precedence over keywords.
+            listener_pool.connection_kwargs["protocol"] = 2
             self._listener_pool = listener_pool
             self._listener = InvalidationListener(
                 lambda: aioredis.Redis(

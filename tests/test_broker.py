@@ -14,7 +14,7 @@ import celeryconfig  # noqa: F401  (installs the transport, as every actorq app 
 from producer import Client, Settings
 from producer.broker import Channel, QoS, Transport
 from producer.client import celery_app
-from producer.settings import broker_url_from_env
+from producer.settings import broker_from_env
 from tests.conftest import RedisTarget
 from tests.helpers import UNACKED, UNACKED_INDEX, queue_length, scripted
 
@@ -27,10 +27,10 @@ def test_redis_urls_get_the_shared_client_transport() -> None:
     assert not isinstance(amqp.transport, Transport)
 
 
-UNIX_URLS = [
+BROKER_URLS = [
     ({"REDIS_URL": "unix:///run/redis.sock"}, "redis+socket:///run/redis.sock?virtual_host=0"),
     (
-        {"REDIS_URL": "unix://:p%20w@/run/redis.sock?db=3"},
+        {"REDIS_URL": "unix://:p%20w@/run/redis.sock?db=3&socket_timeout=5"},
         "redis+socket://:p%20w@/run/redis.sock?virtual_host=3",
     ),
     (
@@ -38,28 +38,48 @@ UNIX_URLS = [
         "redis+socket:///s.sock?virtual_host=1",
     ),
     ({"REDIS_URL": "redis://h:6379/4"}, "redis://h:6379/4"),
-    ({"CELERY_BROKER_URL": "amqp://guest@h//"}, "amqp://guest@h//"),
+    # redis-py's options stay with the stream store; a query's db moves into the path.
+    ({"REDIS_URL": "redis://u:p@h:6379/9?socket_timeout=5&protocol=3"}, "redis://u:p@h:6379/9"),
+    ({"REDIS_URL": "redis://h:6379?db=3&health_check_interval=10"}, "redis://h:6379/3"),
+    ({"REDIS_URL": "redis://h:6379/1?db=3"}, "redis://h:6379/3"),  # redis-py: the query's
+    ({"REDIS_URL": "rediss://h:6380/0?ssl_cert_reqs=required"}, "rediss://h:6380/0"),
+    ({"CELERY_BROKER_URL": "amqp://guest@h//?heartbeat=10"}, "amqp://guest@h//?heartbeat=10"),
 ]
 
 
-@pytest.mark.parametrize(("env", "want"), UNIX_URLS, ids=[w for _, w in UNIX_URLS])
-def test_a_unix_socket_url_reaches_the_broker_in_kombus_spelling(
+@pytest.mark.parametrize(("env", "want"), BROKER_URLS, ids=[w for _, w in BROKER_URLS])
+def test_a_redis_url_reaches_the_broker_in_the_form_kombu_takes(
     env: dict[str, str], want: str
 ) -> None:
-    assert broker_url_from_env(env) == want
+    assert broker_from_env(env)[0] == want
     assert Settings.from_env(env).broker_url == want
-    # That kombu reads them so (socket, password, database): test_local_stack's demo on one.
+    # That kombu reads them so (socket, password, database): test_local_stack's demo on each.
 
 
-BAD_UNIX_URLS = [
+def test_a_broker_urls_tls_options_join_the_environments_instead_of_replacing_them() -> None:
+    """kombu takes a URL's ``ssl_*`` options over ``broker_use_ssl`` whole: the CA
+    named by ACTORQ_REDIS_SSL_CA_CERTS was lost, and the certificate check failed."""
+    env = {
+        "REDIS_URL": "rediss://h:6380/0?ssl_cert_reqs=optional",
+        "ACTORQ_REDIS_SSL_CA_CERTS": "/etc/ca.pem",
+    }
+    assert broker_from_env(env)[1] == {"ssl_cert_reqs": "optional", "ssl_ca_certs": "/etc/ca.pem"}
+    assert Settings.from_env(env).redis_options == {"ssl_ca_certs": "/etc/ca.pem"}
+    # A stream store without TLS gets no TLS options (a TypeError on its first command).
+    plain = {**env, "REDIS_URL": "redis://h:6379/0", "CELERY_BROKER_URL": env["REDIS_URL"]}
+    assert Settings.from_env(plain).redis_options == {}
+    assert Settings.from_env(plain).broker_ssl == broker_from_env(env)[1]
+
+
+BAD_URLS = [
     ({"REDIS_URL": "unix:///s.sock?db=x"}, "REDIS_URL: db must be a database number"),
-    ({"REDIS_URL": "unix:///s.sock?socket_timeout=5"}, "REDIS_URL: a unix:// broker URL takes"),
+    ({"REDIS_URL": "redis://h:6379?db=two"}, "REDIS_URL: db must be a database number"),
     ({"CELERY_BROKER_URL": "unix://"}, "CELERY_BROKER_URL: a unix:// URL needs the socket's path"),
 ]
 
 
-@pytest.mark.parametrize(("env", "message"), BAD_UNIX_URLS, ids=[m for _, m in BAD_UNIX_URLS])
-def test_a_unix_socket_url_the_broker_cannot_take_is_refused_naming_its_variable(
+@pytest.mark.parametrize(("env", "message"), BAD_URLS, ids=[m for _, m in BAD_URLS])
+def test_a_broker_url_kombu_cannot_take_is_refused_naming_its_variable(
     env: dict[str, str], message: str
 ) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -187,20 +187,30 @@ def test_demo_on_a_redis_with_a_password_prints_a_working_tail_command() -> None
         server.cleanup()
 
 
-@pytest.mark.parametrize("broker_var", [False, True], ids=["REDIS_URL", "CELERY_BROKER_URL too"])
-def test_a_job_runs_end_to_end_over_a_unix_socket_in_the_database_the_url_names(
-    broker_var: bool,
-) -> None:
-    """REDIS_URL=unix://... serves the client, the broker and the worker alike (Celery
-    prefers the variable CELERY_BROKER_URL, as given, to its configured broker URL)."""
+#: REDIS_URL forms a deployment uses, each naming database 2 with a password: a Unix
+#: socket (alone, and as CELERY_BROKER_URL too: Celery prefers that variable, as
+#: given, to its configured broker URL), and TCP with redis-py's query options and
+#: RESP3, which the broker (kombu) cannot take and the tails must read.
+URL_FORMS = ["unix", "unix, CELERY_BROKER_URL too", "tcp, query options, RESP3"]
+
+
+@pytest.mark.parametrize("form", URL_FORMS)
+def test_a_job_runs_end_to_end_in_the_database_each_url_form_names(form: str) -> None:
+    """Client, broker, worker and the demo's tail all on the one REDIS_URL."""
     from ops.stack import EmbeddedRedis
     from producer import keys
 
     server = EmbeddedRedis(password="s3cret pw", unix_socket=True).start()
     try:
-        url = server.socket_url(db=2)
+        if form.startswith("unix"):
+            url, db0 = server.socket_url(db=2), server.socket_url(db=0)
+            where = f"-s {server.socket_path} -n 2"
+        else:
+            base = f"redis://:s3cret%20pw@127.0.0.1:{server.port}"
+            url, db0 = f"{base}?db=2&socket_timeout=5&health_check_interval=10&protocol=3", base
+            where = f"-h 127.0.0.1 -p {server.port} -n 2"
         env = {**_env_without_redis(), "REDIS_URL": url}
-        if broker_var:
+        if "CELERY_BROKER_URL" in form:
             env["CELERY_BROKER_URL"] = url
         done = subprocess.run(
             [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
@@ -208,9 +218,8 @@ def test_a_job_runs_end_to_end_over_a_unix_socket_in_the_database_the_url_names(
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
         assert '"status": "succeeded"' in done.stdout, done.stdout
-        assert f"-s {server.socket_path} -n 2 --pass 's3cret pw'" in done.stderr, done.stderr
-        in_db2 = redis.Redis.from_url(url)
-        in_db0 = redis.Redis.from_url(server.socket_url(db=0))
+        assert f"{where} --pass 's3cret pw'" in done.stderr, done.stderr
+        in_db2, in_db0 = redis.Redis.from_url(url), redis.Redis.from_url(db0)
         try:
             (job_id,) = re.findall(r"job (\S+) enqueued", done.stderr)
             assert in_db2.exists(keys.job_key(job_id))  # the record
@@ -220,3 +229,28 @@ def test_a_job_runs_end_to_end_over_a_unix_socket_in_the_database_the_url_names(
             in_db0.close()
     finally:
         server.cleanup()
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CELERY_BROKER_URL", "").startswith("amqp"),
+    reason="runs against a RabbitMQ named by CELERY_BROKER_URL=amqp://...",
+)
+def test_demo_with_a_rabbitmq_broker_finds_its_worker_ready() -> None:
+    """The readiness ping goes through the worker's own broker (it went to Redis's)."""
+    from tests.conftest import _delete_rabbitmq_queues
+
+    broker = os.environ["CELERY_BROKER_URL"]
+    env = {
+        **_env_without_redis(),
+        "CELERY_BROKER_URL": broker,
+        "ACTORQ_QUEUE": f"actorq-demo-{os.getpid()}-{time.monotonic_ns()}",
+    }
+    try:
+        done = subprocess.run(
+            [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert '"status": "succeeded"' in done.stdout, done.stdout
+    finally:
+        _delete_rabbitmq_queues([env])

@@ -757,3 +757,42 @@ def test_a_batch_sent_again_counts_what_the_attempt_wrote_past_its_claims_entrie
         r.zrem(keys.JOBS_INDEX, job_id)
         r.zrem(keys.RUNNING_INDEX, job_id)
         c.close()
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_it_fails_a_pipeline(
+    stack_env: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server ``timeout`` (or a proxy) closes idle clients: the publisher's held
+    connection, idle past it, is checked out afresh, not found dead by a pipeline
+    (a failed round trip, a warning and a retry pause on the job's path)."""
+    from ops.stack import EmbeddedRedis
+
+    server = EmbeddedRedis().start()
+    r = redis.Redis.from_url(server.url)
+    try:
+        settings = Settings.from_env({**stack_env, "REDIS_URL": server.url})
+        r.set(keys.lease_key("idle"), "owner", ex=60)
+        r.config_set("timeout", 1)
+
+        async def main() -> JobChannel:
+            client = redis.asyncio.Redis.from_url(server.url)
+            pub = Publisher(client, settings)
+            ch = pub.open("idle", "owner")
+            try:
+                pub.publish_token(ch, "A", "n")
+                await asyncio.wait_for(pub.drain(ch), 10)
+                await asyncio.sleep(2.5)  # Redis checks idle clients about every 100 ms
+                pub.publish_token(ch, "B", "n")
+                await asyncio.wait_for(pub.drain(ch), 10)
+            finally:
+                await client.aclose()
+            return ch
+
+        with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
+            ch = asyncio.run(main())
+        assert ch.failed is None and ch.published == 2
+        assert [f[b"text"] for _, f in r.xrange(keys.events_key("idle"))] == [b"A", b"B"]
+        assert not [rec.getMessage() for rec in caplog.records], "a pipeline failed"
+    finally:
+        r.close()
+        server.cleanup()

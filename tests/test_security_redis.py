@@ -72,7 +72,7 @@ def test_password_and_acl_user_end_to_end(
     # and the CLIENT subcommands a router's tails use (Redis 6 files all of CLIENT as admin).
     admin.execute_command(
         "ACL", "SETUSER", user, "reset", "on", f">{password}", "~*", "&*", "+@all", "-@admin",
-        "-@dangerous", "+client|id", "+client|setname", "+client|tracking",
+        "-@dangerous", "+client|id", "+client|setname", "+client|tracking", "+client|unblock",
     )  # fmt: skip
     admin.close()
     port = locked_redis.port
@@ -96,6 +96,8 @@ def test_password_and_acl_user_end_to_end(
     acl = redis.Redis.from_url(acl_url)
     with pytest.raises(redis.exceptions.NoPermissionError):
         acl.execute_command("CONFIG", "GET", "requirepass")
+    # ... yet may wake its own blocked tail reads (no such client here: 0, not refused).
+    assert acl.execute_command("CLIENT", "UNBLOCK", "0") == 0
     acl.close()
     for url in (
         f"redis://{user}:wrong@127.0.0.1:{port}/0",

@@ -49,6 +49,9 @@ log = logging.getLogger("actorq.publisher")
 _JOBS_PER_CALL = 64
 _ENTRIES_PER_CALL = 512
 _VERIFY, _TRUST = bulk(b"1"), bulk(b"0")
+#: The held connection, idle this long, goes back through the pool's readiness check
+#: before its next pipeline: a server ``timeout`` or a proxy may have closed it meanwhile.
+_IDLE_RECHECK_S = 1.0
 #: A job's PUBLISH arguments: its owner (packed), seq, verify flag (packed) and batch,
 #: the JSON array of its entries.
 _JOB_ARGS = b"%b$%d\r\n%d\r\n%b$%d\r\n[%b]\r\n"
@@ -115,6 +118,7 @@ class Publisher:
         self._settings = settings
         self._conn: Any = None  # the connection pipelines go out on, once taken
         self._read_reply: Callable[[int], Awaitable[list[Any]]] | None = None  # _conn's reader
+        self._conn_used_at = 0.0  # loop time of _conn's last pipeline
         self._sha_arg = b""  # PUBLISH's SHA1 as a RESP bulk string, once the server has it
         # PUBLISH's arguments common to every job: maxlen, cap, ttl.
         self._args = b"".join(
@@ -383,12 +387,19 @@ class Publisher:
         n_publish = len(groups)
         parts += [call.command for call in calls]
         conn, read = self._conn, self._read_reply
+        pool, now = self._redis.connection_pool, asyncio.get_running_loop().time()
+        if conn is not None and now - self._conn_used_at > _IDLE_RECHECK_S:
+            # Closed by the server while idle, it would fail this pipeline and log a
+            # retry; the pool's checkout finds that out and reconnects instead.
+            self._conn = self._read_reply = None
+            await pool.release(conn)
+            conn = read = None
         if conn is None or read is None:
             # Held across pipelines (one flush runs at a time): a pool checkout and
             # release per pipeline cost more than packing its commands.
-            conn = self._conn = await self._redis.connection_pool.get_connection()
+            conn = self._conn = await pool.get_connection()
             read = self._read_reply = _reply_reader(conn)
-        self._awaiting_since = asyncio.get_running_loop().time()
+        self._awaiting_since = self._conn_used_at = now
         try:
             await _write(conn, b"".join(parts))
             replies = await read(n_publish + len(calls))
