@@ -123,15 +123,19 @@ class Client:
         )
         self._celery = celery_app
         self._loops_lock = threading.Lock()
+        # One Client may serve a threaded router: its first calls race to build these.
+        self._connect_lock = threading.Lock()
 
     # -- connections -------------------------------------------------------------
 
     @property
     def redis(self) -> redis.Redis:
         if self._redis is None:
-            self._redis = redis.Redis.from_url(
-                self.settings.redis_url, **self.settings.redis_options
-            )
+            with self._connect_lock:
+                if self._redis is None:
+                    self._redis = redis.Redis.from_url(
+                        self.settings.redis_url, **self.settings.redis_options
+                    )
         return self._redis
 
     @property
@@ -160,7 +164,12 @@ class Client:
     @property
     def celery(self) -> Celery:
         if self._celery is None:
-            self._celery = celery_app("actorq-producer", self.settings)
+            # Built once under the lock: threads racing here each built an app (all but
+            # one leaking its broker pool), and importing celery from several threads
+            # at once raised ImportError in some of them.
+            with self._connect_lock:
+                if self._celery is None:
+                    self._celery = celery_app("actorq-producer", self.settings)
         return self._celery
 
     def close(self) -> None:
@@ -406,18 +415,25 @@ class Client:
         socket_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
         cursor = after
         while True:
+            _check_deadline(deadline, job_id, timeout)  # a backlog, read slowly, is bounded too
             block = _block_ms(deadline, socket_timeout)
             reply = r.xread({stream: cursor}, count=1000, block=block)
             if not reply:
-                if not r.exists(keys.job_key(job_id), stream):
+                pipe = r.pipeline(transaction=False)
+                pipe.exists(keys.job_key(job_id), stream)
+                pipe.hget(keys.job_key(job_id), "done_id")
+                found, done_id = pipe.execute()
+                if not found:
                     raise JobNotFound(job_id)
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                if past_done(done_id, cursor):  # a cursor past the stream's end (a resume)
+                    return
                 continue
             for entry_id, fields in _entries(reply):
                 event = Event.from_entry(entry_id, fields)
                 cursor = event.id
                 yield event
+                if deadline is not None and not event.terminal:
+                    _check_deadline(deadline, job_id, timeout)
                 if event.terminal:
                     return
 
@@ -456,11 +472,17 @@ class Client:
                     wait = min(wait, deadline - loop.time())
                 sub.check_at = loop.time() + wait
                 batch = await sub.get()
-                if batch is None:  # nothing for a while: is the job still there, time up?
-                    if not await tail.redis.exists(keys.job_key(job_id), stream):
+                if deadline is not None and loop.time() >= deadline:
+                    raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                if batch is None:  # nothing for a while: is the job still there, or ended?
+                    pipe = tail.redis.pipeline(transaction=False)
+                    pipe.exists(keys.job_key(job_id), stream)
+                    pipe.hget(keys.job_key(job_id), "done_id")
+                    found, done_id = await pipe.execute()
+                    if not found:
                         raise JobNotFound(job_id)
-                    if deadline is not None and loop.time() >= deadline:
-                        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                    if past_done(done_id, sub.cursor):  # a cursor past the stream's end
+                        return
                     continue
                 for entry_id, flat in batch:
                     fields = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
@@ -470,6 +492,8 @@ class Client:
                     yield Event(id=entry_id, type=kind, fields=fields)
                     if kind == _DONE:  # Event.terminal, without the property per token
                         return
+                    if deadline is not None and loop.time() >= deadline:
+                        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
 
     @property
     def tail(self) -> Tail:
@@ -567,6 +591,11 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     if isinstance(reply, dict):
         return list(next(iter(reply.values()))[0])  # redis-py wraps its entries in a list
     return list(reply[0][1])
+
+
+def _check_deadline(deadline: float | None, job_id: str, timeout: float | None) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
 
 
 def _block_ms(deadline: float | None, socket_timeout: float | None = None) -> int:

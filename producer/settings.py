@@ -6,7 +6,7 @@ import math
 import os
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 __all__ = [
@@ -170,6 +170,16 @@ def broker_transport_options(broker_url: str, env: Mapping[str, str]) -> dict[st
     }
 
 
+def _masked(url: str) -> str:
+    """``url`` with its password, if any, as ``***``."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, host = parts.netloc.rpartition("@")
+    name = user.partition(":")[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{name}:***@{host}"))
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything both sides agree on. ``Settings.from_env()`` reads ``ACTORQ_*``."""
@@ -189,6 +199,17 @@ class Settings:
     secret_keys: tuple[str, ...] = field(default=(), repr=False)
     redis_options: dict[str, Any] = field(default_factory=dict, repr=False)
     broker_ssl: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        # The URLs' passwords masked: a logged Settings, or one in an error report's
+        # frame locals, must not carry them (the keys and TLS options are left out).
+        shown = {
+            f.name: _masked(v) if f.name.endswith("_url") else v
+            for f in fields(self)
+            if f.repr
+            for v in [getattr(self, f.name)]
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

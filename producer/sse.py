@@ -141,6 +141,9 @@ def stream_sse(
                 yield format_event(event)
                 if event.terminal:
                     return
+            # Ended with no ``done`` read: the cursor is at or past it (a resumed
+            # stream of an ended job); nothing more will come.
+            return
         except JobTimeout:
             if deadline is not None and time.monotonic() >= deadline:
                 raise

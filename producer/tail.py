@@ -576,7 +576,13 @@ class Tail:
 
     @contextlib.asynccontextmanager
     async def subscribe(self, stream: str, after: str = "0") -> AsyncIterator[Subscription]:
-        """Receive every entry of ``stream`` after id ``after`` until the block exits."""
+        """Receive every entry of ``stream`` after id ``after`` until the block exits.
+
+        Raises ``ConnectionError`` once :meth:`aclose` began: a tail still starting
+        then would restart the readers the close just stopped.
+        """
+        if self._closing:
+            raise RedisConnectionError("the tail reader is closed")
         sub = Subscription(stream, after)
         self._pick_shard().add(sub)
         self._subs.add(sub)

@@ -31,7 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from .aio import stop_task
+from .aio import raise_if_cancelling, stop_task
 
 __all__ = ["INVALIDATE_CHANNEL", "InvalidationListener"]
 
@@ -88,6 +88,7 @@ class InvalidationListener:
     async def _run(self) -> None:
         failures = 0
         while self._task is asyncio.current_task():  # else stopped
+            raise_if_cancelling()  # redis-py may have swallowed the CancelledError
             client = self._client_factory()
             try:
                 await self._listen(client)
@@ -107,9 +108,13 @@ class InvalidationListener:
 
     async def _listen(self, client: aioredis.Redis) -> None:
         epoch = int(await client.client_id())
+        # redis-py swallows a cancel that lands while it connects (asyncio.run's, at its
+        # end, for a loop whose tails all ended): that one must still stop the listener.
+        raise_if_cancelling()
         conn: Any = client.connection
         await conn.send_command("SUBSCRIBE", INVALIDATE_CHANNEL, check_health=False)
         reply = await conn.read_response(timeout=math.inf)
+        raise_if_cancelling()
         if not (isinstance(reply, list) and reply and str(reply[0]).lower() == "subscribe"):
             raise ConnectionError(f"unexpected reply to SUBSCRIBE: {reply!r}")
         loop = asyncio.get_running_loop()
@@ -120,6 +125,7 @@ class InvalidationListener:
         reader = loop.create_task(self._read(conn))
         try:
             while not reader.done():
+                raise_if_cancelling()
                 done, _ = await asyncio.wait({reader}, timeout=_PING_S)
                 if done:
                     break
