@@ -19,6 +19,16 @@ ROOT = Path(__file__).resolve().parent.parent
 ACTORQ = str(Path(sys.executable).with_name("actorq"))
 
 
+def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``actorq demo hi`` in ``env``, which must succeed."""
+    done = subprocess.run(
+        [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done
+
+
 def _env_without_redis() -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items() if not k.startswith(("REDIS_", "CELERY_", "ACTORQ_"))
@@ -177,11 +187,7 @@ def test_demo_on_a_redis_with_a_password_prints_a_working_tail_command() -> None
             **_env_without_redis(),
             "REDIS_URL": f"redis://:s3cret%20pw@127.0.0.1:{server.port}/0",
         }
-        done = subprocess.run(
-            [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        done = _demo(env)
         assert "--pass 's3cret pw'" in done.stderr, done.stderr
     finally:
         server.cleanup()
@@ -212,11 +218,7 @@ def test_a_job_runs_end_to_end_in_the_database_each_url_form_names(form: str) ->
         env = {**_env_without_redis(), "REDIS_URL": url}
         if "CELERY_BROKER_URL" in form:
             env["CELERY_BROKER_URL"] = url
-        done = subprocess.run(
-            [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        done = _demo(env)
         assert '"status": "succeeded"' in done.stdout, done.stdout
         assert f"{where} --pass 's3cret pw'" in done.stderr, done.stderr
         in_db2, in_db0 = redis.Redis.from_url(url), redis.Redis.from_url(db0)
@@ -246,11 +248,7 @@ def test_demo_with_a_rabbitmq_broker_finds_its_worker_ready() -> None:
         "ACTORQ_QUEUE": f"actorq-demo-{os.getpid()}-{time.monotonic_ns()}",
     }
     try:
-        done = subprocess.run(
-            [ACTORQ, "demo", "--delay-ms", "1", "hi"], env=env, capture_output=True, text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
+        done = _demo(env)
         assert '"status": "succeeded"' in done.stdout, done.stdout
     finally:
         _delete_rabbitmq_queues([env])

@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -22,16 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from producer import Client, JobTimeout, Settings, keys
 from producer.sse import astream_sse, stream_sse
 from tests.helpers import scripted
-
-_made: list[str] = []
-
-
-@pytest.fixture(autouse=True)
-def _forget_jobs(client: Client) -> Iterator[None]:
-    yield
-    while _made:
-        job_id = _made.pop()
-        client.redis.delete(keys.job_key(job_id), keys.events_key(job_id))
+from tests.test_tail import _forget_jobs, _made  # noqa: F401  (the jobs made here, deleted)
 
 
 def _job(r: redis.Redis, tokens: int = 1, done: bool = True) -> tuple[str, str | None]:
