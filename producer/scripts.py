@@ -64,6 +64,17 @@ local function finish(status, err, err_type, result, now, ttl, maxlen)
   if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('EXPIRE', KEYS[4], ttl) end
   return id
 end
+-- Before the ending of a job whose last attempt was lost (it ends without running
+-- again): that attempt's tokens, if any, match no record text (a snapshot holds
+-- usage, not text), so they are voided and the stream's final text is the record's.
+local function void_lost_attempt(maxlen)
+  local attempt = tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0')
+  if attempt > 0 and redis.call('TYPE', KEYS[2]).ok == 'stream' then
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 'type', 'reset', 'attempt', attempt,
+               'reason', 'lost',
+               'detail', 'attempt ' .. attempt .. ' did not finish (its worker was lost); its output is void')
+  end
+end
 -- The result of a job ended without running again: what its lost attempts used, as
 -- their last lease renewal saved it (finish reason 'error'), else ``default``.
 local function carried(default, reason)
@@ -157,6 +168,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   if tonumber(redis.call('HGET', KEYS[1], 'attempt') or '0') > 0 then
     why = 'cancelled by request (its last attempt was lost before it could stop)'
   end
+  void_lost_attempt(ARGV[7])
   finish('cancelled', why, 'Cancelled', carried(ARGV[8], 'cancelled'), ARGV[3], ARGV[6], ARGV[7])
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
   return {'cancelled', 0}
@@ -173,6 +185,7 @@ end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
 if attempt > tonumber(ARGV[4]) then
   redis.call('HSET', KEYS[1], 'attempt', attempt - 1)
+  void_lost_attempt(ARGV[7])
   finish('failed', 'gave up after ' .. (attempt - 1) .. ' attempts: the worker running it was lost each time',
          'AttemptsExhausted', carried(ARGV[9], 'error'), ARGV[3], ARGV[6], ARGV[7])
   redis.call('HSET', KEYS[1], 'ended_by', ARGV[1])
@@ -297,6 +310,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then return 'already_requested' end
 redis.call('SET', KEYS[4], ARGV[1], 'EX', ARGV[2])
 if status == 'queued' and redis.call('EXISTS', KEYS[3]) == 0 then
   -- Queued again after a lost attempt, or never started.
+  void_lost_attempt(ARGV[3])
   finish('cancelled', 'cancelled before it started', 'Cancelled', carried(ARGV[4], 'cancelled'),
          ARGV[1], ARGV[2], ARGV[3])
   return 'cancelled'

@@ -140,8 +140,10 @@ def test_sigkill_mid_stream_then_attempts_run_out(
         assert record is not None and record.status is JobStatus.FAILED
         assert record.error_type == "AttemptsExhausted"
         assert record.error is not None and "gave up after 2 attempts" in record.error
-        types = [e.type for e in events]
-        assert types.count("start") == 2 and types.count("reset") == 1
+        # A reset before each new attempt, and one voiding the last attempt's tokens.
+        resets = [e.fields.get("reason") for e in events if e.type == "reset"]
+        assert [e.type for e in events].count("start") == 2 and resets == ["restart", "lost"]
+        assert final_text(events) == ""  # as the record's text
         # Given up at a claim: the result is what both lost attempts used.
         assert record.result is not None and record.result.model_calls == 2
         assert record.result.output_tokens >= saved.output_tokens > 0

@@ -747,6 +747,8 @@ def test_a_lost_attempts_usage_reaches_the_next_attempt_or_the_ending(
         assert c.redis.hget(keys.job_key(job_id), "usage") is None
         assert renew("owner-1", used.to_json()) == [1, 0]
         assert renew("intruder", ActorResult(model_calls=9).to_json()) == [0, 0]  # fenced
+        # The attempt streamed a token before it was lost (its worker died mid-stream).
+        c.redis.xadd(keys.events_key(job_id), {"type": "token", "text": "half", "node": "n"})
         lose_attempt()
         if ending == "next_attempt":
             reply = claim("owner-2")
@@ -771,6 +773,11 @@ def test_a_lost_attempts_usage_reaches_the_next_attempt_or_the_ending(
         assert record is not None and record.status is status and record.result is not None
         assert record.result == used.model_copy(update={"finish_reason": reason})
         assert c.redis.hget(keys.job_key(job_id), "usage") is None
+        # The lost attempt's token is voided before the ending: stream and record agree.
+        events = list(c.stream_events(job_id, timeout=10))
+        assert [e.type for e in events][-3:] == ["token", "reset", "done"]
+        assert events[-2].fields["reason"] == "lost"
+        assert final_text(events) == record.result.text == ""
     finally:
         c.redis.delete(*scripts.job_keys(job_id), queue)
         c.redis.zrem(keys.JOBS_INDEX, job_id)
