@@ -403,39 +403,29 @@ class Client:
         deadline = None if timeout is None else time.monotonic() + timeout
         stream = keys.events_key(job_id)
         r = self.redis
-        pipe = r.pipeline(transaction=False)
-        pipe.exists(keys.job_key(job_id), stream)
-        pipe.hget(keys.job_key(job_id), "done_id")
-        found, done_id = pipe.execute()
-        if not found:
-            raise JobNotFound(job_id)
-        if past_done(done_id, after):
+        if _ended(_job_lookup(r.pipeline(transaction=False), job_id).execute(), after, job_id):
             return
         # Each blocking read ends before the socket timeout would cut it.
         socket_timeout = r.connection_pool.connection_kwargs.get("socket_timeout")
         cursor = after
         while True:
-            _check_deadline(deadline, job_id, timeout)  # a backlog, read slowly, is bounded too
+            # Before every read, not only after an empty one: a backlog read slowly too.
+            _check_deadline(deadline, time.monotonic(), job_id, timeout)
             block = _block_ms(deadline, socket_timeout)
             reply = r.xread({stream: cursor}, count=1000, block=block)
             if not reply:
-                pipe = r.pipeline(transaction=False)
-                pipe.exists(keys.job_key(job_id), stream)
-                pipe.hget(keys.job_key(job_id), "done_id")
-                found, done_id = pipe.execute()
-                if not found:
-                    raise JobNotFound(job_id)
-                if past_done(done_id, cursor):  # a cursor past the stream's end (a resume)
+                answer = _job_lookup(r.pipeline(transaction=False), job_id).execute()
+                if _ended(answer, cursor, job_id):  # a cursor past the stream's end (a resume)
                     return
                 continue
             for entry_id, fields in _entries(reply):
                 event = Event.from_entry(entry_id, fields)
                 cursor = event.id
                 yield event
-                if deadline is not None and not event.terminal:
-                    _check_deadline(deadline, job_id, timeout)
                 if event.terminal:
                     return
+                if deadline is not None:
+                    _check_deadline(deadline, time.monotonic(), job_id, timeout)
 
     async def astream_events(
         self, job_id: str, *, after: str = "0", timeout: float | None = None
@@ -457,13 +447,8 @@ class Client:
             if not await tail.redis.exists(keys.job_key(job_id), stream):
                 raise JobNotFound(job_id)
         else:  # a resumed tail: one past the ending has nothing left to read
-            pipe = tail.redis.pipeline(transaction=False)
-            pipe.exists(keys.job_key(job_id), stream)
-            pipe.hget(keys.job_key(job_id), "done_id")
-            found, done_id = await pipe.execute()
-            if not found:
-                raise JobNotFound(job_id)
-            if past_done(done_id, after):
+            answer = await _job_lookup(tail.redis.pipeline(transaction=False), job_id).execute()
+            if _ended(answer, after, job_id):
                 return
         async with tail.subscribe(stream, after) as sub:
             while True:
@@ -472,16 +457,10 @@ class Client:
                     wait = min(wait, deadline - loop.time())
                 sub.check_at = loop.time() + wait
                 batch = await sub.get()
-                if deadline is not None and loop.time() >= deadline:
-                    raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                _check_deadline(deadline, loop.time(), job_id, timeout)
                 if batch is None:  # nothing for a while: is the job still there, or ended?
-                    pipe = tail.redis.pipeline(transaction=False)
-                    pipe.exists(keys.job_key(job_id), stream)
-                    pipe.hget(keys.job_key(job_id), "done_id")
-                    found, done_id = await pipe.execute()
-                    if not found:
-                        raise JobNotFound(job_id)
-                    if past_done(done_id, sub.cursor):  # a cursor past the stream's end
+                    lookup = _job_lookup(tail.redis.pipeline(transaction=False), job_id)
+                    if _ended(await lookup.execute(), sub.cursor, job_id):  # cursor past the end
                         return
                     continue
                 for entry_id, flat in batch:
@@ -492,8 +471,8 @@ class Client:
                     yield Event(id=entry_id, type=kind, fields=fields)
                     if kind == _DONE:  # Event.terminal, without the property per token
                         return
-                    if deadline is not None and loop.time() >= deadline:
-                        raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+                    if deadline is not None:
+                        _check_deadline(deadline, loop.time(), job_id, timeout)
 
     @property
     def tail(self) -> Tail:
@@ -593,9 +572,26 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
     return list(reply[0][1])
 
 
-def _check_deadline(deadline: float | None, job_id: str, timeout: float | None) -> None:
-    if deadline is not None and time.monotonic() >= deadline:
+def _check_deadline(deadline: float | None, now: float, job_id: str, timeout: float | None) -> None:
+    """``JobTimeout`` once ``now`` (on the clock ``deadline`` was set by) reached it."""
+    if deadline is not None and now >= deadline:
         raise JobTimeout(f"no end of job {job_id!r} within {timeout}s")
+
+
+def _job_lookup(pipe: Any, job_id: str) -> Any:
+    """``pipe`` (sync or async) asking whether the job exists and its ``done_id``."""
+    pipe.exists(keys.job_key(job_id), keys.events_key(job_id))
+    pipe.hget(keys.job_key(job_id), "done_id")
+    return pipe
+
+
+def _ended(answer: list[Any], cursor: str, job_id: str) -> bool:
+    """From :func:`_job_lookup`'s answer: True when a tail at ``cursor`` has nothing
+    left to read (the job ended at or before it); ``JobNotFound`` when it is gone."""
+    found, done_id = answer
+    if not found:
+        raise JobNotFound(job_id)
+    return past_done(done_id, cursor)
 
 
 def _block_ms(deadline: float | None, socket_timeout: float | None = None) -> int:

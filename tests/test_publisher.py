@@ -8,7 +8,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -595,41 +595,57 @@ def test_publish_calls_are_cut_by_jobs_and_by_entries() -> None:
     assert _call_groups([]) == []
 
 
-def test_a_redis_refusing_writes_for_its_own_state_is_waited_out(
-    stack_env: dict[str, str],
-) -> None:
-    """NOREPLICAS (min-replicas-to-write unmet) refuses every job of a call: that is
-    Redis's state, not the job's, so the batch goes again until Redis takes it, once.
-    A private Redis: its configuration changes here."""
+@pytest.fixture
+def private_redis(stack_env: dict[str, str]) -> Iterator[tuple[redis.Redis, Settings]]:
+    """A Redis of the test's own (its configuration changes), and settings on it."""
     from ops.stack import EmbeddedRedis
 
     server = EmbeddedRedis().start()
     r = redis.Redis.from_url(server.url)
     try:
-        settings = Settings.from_env({**stack_env, "REDIS_URL": server.url})
-        r.set(keys.lease_key("refused"), "owner", ex=60)
-        r.config_set("min-replicas-to-write", 1)
-
-        async def main() -> JobChannel:
-            client = redis.asyncio.Redis.from_url(server.url)
-            pub = Publisher(client, settings)
-            ch = pub.open("refused", "owner")
-            try:
-                assert not pub.publish_token(ch, "A", "n")
-                await asyncio.sleep(0.5)  # refused, and sent again, a few times
-                assert ch.failed is None and ch.unwritten
-                r.config_set("min-replicas-to-write", 0)
-                await asyncio.wait_for(pub.drain(ch), 10)
-            finally:
-                await client.aclose()
-            return ch
-
-        ch = asyncio.run(main())
-        assert ch.failed is None and ch.published == 1
-        assert [f[b"text"] for _, f in r.xrange(keys.events_key("refused"))] == [b"A"]
+        yield r, Settings.from_env({**stack_env, "REDIS_URL": server.url})
     finally:
         r.close()
         server.cleanup()
+
+
+def _publish_on_own_client(
+    settings: Settings, job_id: str, steps: Callable[[Publisher, JobChannel], Awaitable[None]]
+) -> JobChannel:
+    """Run ``steps`` on a Publisher (and its client) of their own, owning ``job_id``'s channel."""
+
+    async def main() -> JobChannel:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        pub = Publisher(client, settings)
+        ch = pub.open(job_id, "owner")
+        try:
+            await steps(pub, ch)
+        finally:
+            await client.aclose()
+        return ch
+
+    return asyncio.run(main())
+
+
+def test_a_redis_refusing_writes_for_its_own_state_is_waited_out(
+    private_redis: tuple[redis.Redis, Settings],
+) -> None:
+    """NOREPLICAS (min-replicas-to-write unmet) refuses every job of a call: that is
+    Redis's state, not the job's, so the batch goes again until Redis takes it, once."""
+    r, settings = private_redis
+    r.set(keys.lease_key("refused"), "owner", ex=60)
+    r.config_set("min-replicas-to-write", 1)
+
+    async def steps(pub: Publisher, ch: JobChannel) -> None:
+        assert not pub.publish_token(ch, "A", "n")
+        await asyncio.sleep(0.5)  # refused, and sent again, a few times
+        assert ch.failed is None and ch.unwritten
+        r.config_set("min-replicas-to-write", 0)
+        await asyncio.wait_for(pub.drain(ch), 10)
+
+    ch = _publish_on_own_client(settings, "refused", steps)
+    assert ch.failed is None and ch.published == 1
+    assert [f[b"text"] for _, f in r.xrange(keys.events_key("refused"))] == [b"A"]
 
 
 def test_a_job_whose_entries_redis_refused_ends_failed(
@@ -760,39 +776,24 @@ def test_a_batch_sent_again_counts_what_the_attempt_wrote_past_its_claims_entrie
 
 
 def test_a_connection_the_server_closed_while_idle_is_replaced_before_it_fails_a_pipeline(
-    stack_env: dict[str, str], caplog: pytest.LogCaptureFixture
+    private_redis: tuple[redis.Redis, Settings], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A server ``timeout`` (or a proxy) closes idle clients: the publisher's held
     connection, idle past it, is checked out afresh, not found dead by a pipeline
     (a failed round trip, a warning and a retry pause on the job's path)."""
-    from ops.stack import EmbeddedRedis
+    r, settings = private_redis
+    r.set(keys.lease_key("idle"), "owner", ex=60)
+    r.config_set("timeout", 1)
 
-    server = EmbeddedRedis().start()
-    r = redis.Redis.from_url(server.url)
-    try:
-        settings = Settings.from_env({**stack_env, "REDIS_URL": server.url})
-        r.set(keys.lease_key("idle"), "owner", ex=60)
-        r.config_set("timeout", 1)
+    async def steps(pub: Publisher, ch: JobChannel) -> None:
+        pub.publish_token(ch, "A", "n")
+        await asyncio.wait_for(pub.drain(ch), 10)
+        await asyncio.sleep(2.5)  # Redis checks idle clients about every 100 ms
+        pub.publish_token(ch, "B", "n")
+        await asyncio.wait_for(pub.drain(ch), 10)
 
-        async def main() -> JobChannel:
-            client = redis.asyncio.Redis.from_url(server.url)
-            pub = Publisher(client, settings)
-            ch = pub.open("idle", "owner")
-            try:
-                pub.publish_token(ch, "A", "n")
-                await asyncio.wait_for(pub.drain(ch), 10)
-                await asyncio.sleep(2.5)  # Redis checks idle clients about every 100 ms
-                pub.publish_token(ch, "B", "n")
-                await asyncio.wait_for(pub.drain(ch), 10)
-            finally:
-                await client.aclose()
-            return ch
-
-        with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
-            ch = asyncio.run(main())
-        assert ch.failed is None and ch.published == 2
-        assert [f[b"text"] for _, f in r.xrange(keys.events_key("idle"))] == [b"A", b"B"]
-        assert not [rec.getMessage() for rec in caplog.records], "a pipeline failed"
-    finally:
-        r.close()
-        server.cleanup()
+    with caplog.at_level(logging.WARNING, logger="actorq.publisher"):
+        ch = _publish_on_own_client(settings, "idle", steps)
+    assert ch.failed is None and ch.published == 2
+    assert [f[b"text"] for _, f in r.xrange(keys.events_key("idle"))] == [b"A", b"B"]
+    assert not [rec.getMessage() for rec in caplog.records], "a pipeline failed"
